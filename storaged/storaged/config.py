@@ -1,0 +1,314 @@
+"""storaged's TOML configuration, parsed into frozen dataclasses.
+
+Every error names the offending key, so an operator can fix the file
+without reading code.  Relative paths are taken relative to the config file.
+See docs/operations.md for a commented example.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from storaged.protocol.constants import DEFAULT_PORT, MAX_PAYLOAD
+from storaged.protocol.names import validate_client_name, validate_export_name
+
+SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+DEFAULT_LISTEN = ("0.0.0.0", "::")  # noqa: S104 - a storage server; mTLS guards it
+DEFAULT_MAX_INFLIGHT = 64
+DEFAULT_MAX_INFLIGHT_BYTES = 32 << 20
+DEFAULT_WORKERS = 8
+DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_LOGIN_TIMEOUT = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_MAX_LOGIN_FAILURES = 5
+DEFAULT_FAILURE_WINDOW = 60.0
+DEFAULT_CONTROL_SOCKET = Path("/run/netblk/storaged.sock")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which key and why."""
+
+
+class Access(enum.Enum):
+    """A client's rights on one export."""
+
+    NONE = "none"
+    RO = "ro"
+    RW = "rw"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """A client is admitted when its certificate CN is ``name`` and its
+    token verifies against ``token_hash`` (argon2id)."""
+
+    name: str
+    token_hash: str
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    name: str
+    volume: Path
+    passphrase_file: Path | None
+    passphrase_env: str | None
+    access: Mapping[str, Access]
+    trim: bool = True
+
+
+@dataclass(frozen=True)
+class LoginPolicy:
+    """At most ``max_failures`` failed logins per peer address and per client
+    within ``window`` seconds; beyond that, logins are refused unexamined."""
+
+    max_failures: int = DEFAULT_MAX_LOGIN_FAILURES
+    window: float = DEFAULT_FAILURE_WINDOW
+    timeout: float = DEFAULT_LOGIN_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Config:
+    tls: TlsFiles
+    clients: Mapping[str, ClientConfig] = field(default_factory=dict)
+    exports: Mapping[str, ExportConfig] = field(default_factory=dict)
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    port: int = DEFAULT_PORT
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    max_payload: int = MAX_PAYLOAD
+    workers: int = DEFAULT_WORKERS
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    login: LoginPolicy = LoginPolicy()
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    control_socket: Path | None = DEFAULT_CONTROL_SOCKET
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+
+def parse_size(value: object, key: str) -> int:
+    """Accept 4096, "64M", "64MiB", "1G" (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (match := SIZE_RE.fullmatch(value.strip())):
+        return int(match[1]) * SIZE_UNITS[match[2].upper()]
+    raise ConfigError(f"{key}: expected a size like 4096, '64MiB' or '1G', got {value!r}")
+
+
+class _Table:
+    """A TOML table that reports typos and wrong types by full key name."""
+
+    def __init__(self, data: Mapping[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            wanted = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.key(name)}: expected {wanted}, got {value!r}")
+        return value
+
+    def require(self, name: str, kind: type) -> Any:
+        if name not in self.data:
+            raise ConfigError(f"{self.key(name)}: required")
+        return self.get(name, kind)
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.get(name, dict, {}), self.key(name))
+
+    def positive(self, name: str, default: float, kind: type = int) -> Any:
+        value = self.get(name, (int, float) if kind is float else int, default)
+        if value <= 0:
+            raise ConfigError(f"{self.key(name)}: must be positive, got {value!r}")
+        return kind(value)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown setting")
+
+
+def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a config file; ``overrides`` are CLI flags."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    config = parse_config(data, base=path.parent)
+    return apply_overrides(config, overrides or {})
+
+
+def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Apply CLI flags (``None`` means not given) over the file's values."""
+    tls = config.tls
+    tls = replace(
+        tls,
+        cert=overrides.get("tls_cert") or tls.cert,
+        key=overrides.get("tls_key") or tls.key,
+        ca=overrides.get("tls_ca") or tls.ca,
+    )
+    simple = {
+        k: v
+        for k, v in overrides.items()
+        if v is not None and k in {"port", "listen", "control_socket", "log_format"}
+    }
+    return replace(config, tls=tls, **simple)
+
+
+def parse_config(data: Mapping[str, Any], base: Path) -> Config:
+    root = _Table(data, "")
+    server = root.table("server")
+    tls_table = root.table("tls")
+    cache = root.table("cache")
+    login = root.table("login")
+    log = root.table("log")
+
+    def path_of(table: _Table, name: str, required: bool = True) -> Path | None:
+        raw = table.require(name, str) if required else table.get(name, str)
+        return None if raw is None else (base / raw).resolve()
+
+    tls = TlsFiles(
+        cert=_some(path_of(tls_table, "cert")),
+        key=_some(path_of(tls_table, "key")),
+        ca=_some(path_of(tls_table, "ca")),
+    )
+    clients = _parse_clients(root.table("clients"))
+    exports = _parse_exports(root.table("exports"), clients, base)
+
+    listen = server.get("listen", (str, list), list(DEFAULT_LISTEN))
+    listen = (listen,) if isinstance(listen, str) else tuple(listen)
+    if not listen or not all(isinstance(a, str) and a for a in listen):
+        raise ConfigError("server.listen: expected an address or a list of addresses")
+    port = server.get("port", int, DEFAULT_PORT)
+    if not 0 < port < 65536:
+        raise ConfigError(f"server.port: must be 1..65535, got {port}")
+    max_payload = parse_size(
+        server.get("max_payload", (int, str), MAX_PAYLOAD), "server.max_payload"
+    )
+    if not 4096 <= max_payload <= MAX_PAYLOAD or max_payload % 4096:
+        raise ConfigError(f"server.max_payload: must be a multiple of 4096 up to {MAX_PAYLOAD}")
+    inflight_bytes = parse_size(
+        server.get("max_inflight_bytes", (int, str), DEFAULT_MAX_INFLIGHT_BYTES),
+        "server.max_inflight_bytes",
+    )
+    if inflight_bytes < max_payload:
+        raise ConfigError("server.max_inflight_bytes: must be at least server.max_payload")
+    control = server.get("control_socket", str, str(DEFAULT_CONTROL_SOCKET))
+    log_format = log.get("format", str, "json")
+    if log_format not in {"json", "text"}:
+        raise ConfigError(f"log.format: expected 'json' or 'text', got {log_format!r}")
+    log_level = log.get("level", str, "INFO").upper()
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"log.level: unknown level {log_level!r}")
+
+    config = Config(
+        tls=tls,
+        clients=clients,
+        exports=exports,
+        listen=listen,
+        port=port,
+        max_inflight=server.positive("max_inflight", DEFAULT_MAX_INFLIGHT),
+        max_inflight_bytes=inflight_bytes,
+        max_payload=max_payload,
+        workers=server.positive("workers", DEFAULT_WORKERS),
+        shutdown_timeout=server.positive("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, float),
+        control_socket=(base / control).resolve() if control else None,
+        cache_bytes=parse_size(cache.get("size", (int, str), DEFAULT_CACHE_BYTES), "cache.size"),
+        login=LoginPolicy(
+            max_failures=login.positive("max_failures", DEFAULT_MAX_LOGIN_FAILURES),
+            window=login.positive("window", DEFAULT_FAILURE_WINDOW, float),
+            timeout=login.positive("timeout", DEFAULT_LOGIN_TIMEOUT, float),
+        ),
+        log_format=log_format,
+        log_level=log_level,
+    )
+    for table in (server, tls_table, cache, login, log, root):
+        table.finish()
+    return config
+
+
+def _some(path: Path | None) -> Path:
+    assert path is not None
+    return path
+
+
+def _parse_clients(table: _Table) -> dict[str, ClientConfig]:
+    clients = {}
+    for name in table.data:
+        try:
+            validate_client_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"clients.{name}: {exc}") from None
+        entry = table.table(name)
+        token_hash = entry.require("token_hash", str)
+        if not token_hash.startswith("$argon2id$"):
+            raise ConfigError(f"clients.{name}.token_hash: expected an argon2id hash")
+        entry.finish()
+        clients[name] = ClientConfig(name=name, token_hash=token_hash)
+    return clients
+
+
+def _parse_exports(
+    table: _Table, clients: Mapping[str, ClientConfig], base: Path
+) -> dict[str, ExportConfig]:
+    exports = {}
+    for name in table.data:
+        try:
+            validate_export_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"exports.{name}: {exc}") from None
+        entry = table.table(name)
+        volume = (base / entry.require("volume", str)).resolve()
+        pass_file = entry.get("passphrase_file", str)
+        pass_env = entry.get("passphrase_env", str)
+        if (pass_file is None) == (pass_env is None):
+            raise ConfigError(
+                f"exports.{name}: set exactly one of passphrase_file or passphrase_env"
+            )
+        access_table = entry.table("access")
+        access = {}
+        for client, right in access_table.data.items():
+            if client not in clients:
+                raise ConfigError(f"exports.{name}.access.{client}: unknown client")
+            try:
+                access[client] = Access(access_table.get(client, str))
+            except ValueError:
+                raise ConfigError(
+                    f"exports.{name}.access.{client}: expected 'rw', 'ro' or 'none', got {right!r}"
+                ) from None
+        access_table.finish()
+        exports[name] = ExportConfig(
+            name=name,
+            volume=volume,
+            passphrase_file=(base / pass_file).resolve() if pass_file else None,
+            passphrase_env=pass_env,
+            access=access,
+            trim=entry.get("trim", bool, True),
+        )
+        entry.finish()
+    return exports

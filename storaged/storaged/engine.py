@@ -1,0 +1,86 @@
+"""Carry out one valid request on a volume (runs on a worker thread).
+
+The codec has already checked ranges, alignment, flags and rights, so every
+failure here is the storage's: ENOSPC from the file system, else EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from storaged.protocol.codec import Request
+from storaged.protocol.constants import Cmd, CmdFlag, Errno
+from storaged.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    error: Errno
+    data: bytes = b""
+    cache_hit: bool | None = None
+
+
+OK = Outcome(Errno.OK)
+
+
+def _read(volume: Volume, request: Request) -> Outcome:
+    result = volume.read(request.offset, request.length)
+    return Outcome(Errno.OK, result.data, result.cache_hit)
+
+
+def _write(volume: Volume, request: Request) -> Outcome:
+    volume.write(request.offset, request.data, fua=bool(request.flags & CmdFlag.FUA))
+    return OK
+
+
+def _flush(volume: Volume, request: Request) -> Outcome:
+    volume.flush()
+    return OK
+
+
+def _trim(volume: Volume, request: Request) -> Outcome:
+    volume.trim(request.offset, request.length, fua=bool(request.flags & CmdFlag.FUA))
+    return OK
+
+
+def _write_zeroes(volume: Volume, request: Request) -> Outcome:
+    volume.write_zeroes(
+        request.offset,
+        request.length,
+        no_hole=bool(request.flags & CmdFlag.NO_HOLE),
+        fua=bool(request.flags & CmdFlag.FUA),
+    )
+    return OK
+
+
+HANDLERS: dict[Cmd, Callable[[Volume, Request], Outcome]] = {
+    Cmd.READ: _read,
+    Cmd.WRITE: _write,
+    Cmd.FLUSH: _flush,
+    Cmd.TRIM: _trim,
+    Cmd.WRITE_ZEROES: _write_zeroes,
+}
+
+
+def execute(volume: Volume, request: Request) -> Outcome:
+    """Run ``request``; storage failures become error replies, not exceptions."""
+    try:
+        return HANDLERS[request.opcode](volume, request)
+    except OSError as exc:
+        log.error(
+            "storage I/O failed",
+            extra={
+                "event": "io_error",
+                "volume": str(volume.path),
+                "op": request.opcode.name,
+                "offset": request.offset,
+                "length": request.length,
+                "error": str(exc),
+            },
+        )
+        return Outcome(Errno.NOSPC if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Errno.IO)

@@ -1,0 +1,500 @@
+"""Sans-IO netblk protocol: bytes in, events out (docs/protocol.md).
+
+``ServerConnection`` and ``ClientConnection`` hold no sockets and do no I/O;
+the server (storaged.server), the client library (storaged.client) and the
+tests feed them bytes and act on the events.  Everything the protocol says
+about validity lives here, so every shell enforces it the same way.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from storaged.protocol.constants import (
+    BLOCK_SIZE,
+    HELLO,
+    HELLO_MAGIC,
+    HELLO_REPLY,
+    MAX_EXPORT_NAME,
+    MAX_PAYLOAD,
+    MAX_TOKEN,
+    MIN_TOKEN,
+    PROTO_VERSION,
+    REPLY,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ExportFlag,
+    LoginStatus,
+)
+from storaged.protocol.names import validate_export_name
+
+NO_EXPORT_FLAGS = ExportFlag(0)
+
+#: Flags each opcode may carry; anything else is EINVAL.
+ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
+    Cmd.READ: CmdFlag(0),
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag(0),
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
+    Cmd.DISCONNECT: CmdFlag(0),
+}
+#: Opcodes that change data, refused with EPERM on a read-only export.
+MUTATING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+#: Opcodes whose length addresses a range of the export.
+RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+#: Each opcode needs the export to offer this, or it is ENOTSUP.
+REQUIRED_EXPORT_FLAG: dict[Cmd, ExportFlag] = {
+    Cmd.FLUSH: ExportFlag.SEND_FLUSH,
+    Cmd.TRIM: ExportFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: ExportFlag.SEND_WRITE_ZEROES,
+}
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing; the connection must be closed.
+
+    ``reply`` holds the bytes to send before closing (a HELLO reply with a
+    status during login), or ``b""`` when the stream can't be answered.
+    """
+
+    def __init__(self, reason: str, reply: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+
+
+class NeedData(enum.Enum):
+    """Sentinel: no complete event yet, feed more bytes."""
+
+    NEED_DATA = enum.auto()
+
+
+NEED_DATA = NeedData.NEED_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed cleanly at a frame boundary."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A client's login request."""
+
+    version: int
+    export: str
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply:
+    """The server's answer to HELLO; anything but OK ends the connection."""
+
+    status: LoginStatus
+    version: int = PROTO_VERSION
+    export_size: int = 0
+    block_size: int = BLOCK_SIZE
+    max_payload: int = MAX_PAYLOAD
+    export_flags: ExportFlag = NO_EXPORT_FLAGS
+    max_inflight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A valid request; ``data`` is the WRITE payload, else empty."""
+
+    opcode: Cmd
+    flags: CmdFlag
+    handle: int
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidRequest:
+    """A well-framed request the server must refuse with ``error``."""
+
+    handle: int
+    opcode: int
+    error: Errno
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The client asked to end the session after its in-flight requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The server's answer to one request; ``data`` is READ's payload."""
+
+    handle: int
+    error: Errno
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportGeometry:
+    """What the server validates requests against after login."""
+
+    size: int
+    flags: ExportFlag
+    max_payload: int = MAX_PAYLOAD
+    max_inflight: int = 64
+
+
+ServerEvent = Hello | Request | InvalidRequest | Disconnect | ConnectionClosed
+ClientEvent = HelloReply | Reply | ConnectionClosed
+
+
+def encode_hello(export: str, token: bytes, version: int = PROTO_VERSION) -> bytes:
+    """Encode a HELLO frame (no validation: tests send bad ones on purpose)."""
+    name = export.encode()
+    return HELLO.layout.pack(HELLO_MAGIC, version, 0, len(name), len(token), 0) + name + token
+
+
+def encode_hello_reply(reply: HelloReply) -> bytes:
+    return HELLO_REPLY.layout.pack(
+        HELLO_MAGIC,
+        reply.version,
+        reply.status,
+        reply.export_size,
+        reply.block_size,
+        reply.max_payload,
+        reply.export_flags,
+        reply.max_inflight,
+    )
+
+
+def encode_request(
+    opcode: int, handle: int, offset: int = 0, length: int = 0, flags: int = 0
+) -> bytes:
+    """Encode a request header; a WRITE's payload follows it on the wire."""
+    return REQUEST.layout.pack(REQUEST_MAGIC, flags, opcode, handle, offset, length, 0)
+
+
+def encode_reply(handle: int, error: int) -> bytes:
+    """Encode a reply header; a successful READ's data follows it."""
+    return REPLY.layout.pack(REPLY_MAGIC, error, handle)
+
+
+class _Buffer:
+    """Receive buffer that hands out frames without quadratic copying."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._data) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        if self._pos and self._pos == len(self._data):
+            self._data.clear()
+            self._pos = 0
+        self._data += data
+
+    def peek(self, size: int) -> memoryview:
+        return memoryview(self._data)[self._pos : self._pos + size]
+
+    def take(self, size: int) -> bytes:
+        chunk = bytes(self._data[self._pos : self._pos + size])
+        self._pos += size
+        if self._pos > len(self._data) // 2:
+            del self._data[: self._pos]
+            self._pos = 0
+        return chunk
+
+
+class _State(enum.Enum):
+    AWAIT_HELLO = enum.auto()
+    AWAIT_LOGIN_DECISION = enum.auto()
+    SERVING = enum.auto()
+    DISCONNECTING = enum.auto()
+    CLOSED = enum.auto()
+
+
+class ServerConnection:
+    """Server side of one connection: one HELLO, then requests.
+
+    After ``Hello`` the caller decides and calls ``accept`` (which returns the
+    reply to send and arms request validation) or ``refuse``.  Requests are
+    checked against the export here, so the engine only sees valid ones.
+    """
+
+    def __init__(self) -> None:
+        self._buf = _Buffer()
+        self._state = _State.AWAIT_HELLO
+        self._eof = False
+        self._geometry: ExportGeometry | None = None
+        self._inflight: set[int] = set()
+
+    @property
+    def inflight(self) -> int:
+        """Requests handed out by ``next_event`` and not yet answered."""
+        return len(self._inflight)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into events."""
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed."""
+        if data:
+            self._buf.feed(data)
+        else:
+            self._eof = True
+
+    def accept(self, geometry: ExportGeometry) -> bytes:
+        """Admit the client to an export; returns the HELLO reply to send."""
+        if self._state is not _State.AWAIT_LOGIN_DECISION:
+            raise RuntimeError("accept() without a pending HELLO")
+        self._geometry = geometry
+        self._state = _State.SERVING
+        return encode_hello_reply(
+            HelloReply(
+                status=LoginStatus.OK,
+                export_size=geometry.size,
+                export_flags=geometry.flags,
+                max_payload=geometry.max_payload,
+                max_inflight=geometry.max_inflight,
+            )
+        )
+
+    def refuse(self, status: LoginStatus) -> bytes:
+        """Refuse the login; returns the reply to send before closing."""
+        if status is LoginStatus.OK:
+            raise ValueError("refuse() needs a failure status")
+        self._state = _State.CLOSED
+        return encode_hello_reply(HelloReply(status=status))
+
+    def send_reply(self, handle: int, error: Errno) -> bytes:
+        """Answer a request (header only; a READ's data is sent after it)."""
+        self._inflight.discard(handle)
+        return encode_reply(handle, error)
+
+    def next_event(self) -> ServerEvent | NeedData:
+        """Parse the next event, or NEED_DATA.  Raises ProtocolError."""
+        if self._state is _State.AWAIT_HELLO:
+            return self._next_hello()
+        if self._state is _State.SERVING:
+            return self._next_request()
+        return NEED_DATA if not self._eof else ConnectionClosed()
+
+    def events(self) -> Iterator[ServerEvent]:
+        """Every complete event buffered so far."""
+        while not isinstance(event := self.next_event(), NeedData):
+            yield event
+            if isinstance(event, ConnectionClosed | Disconnect | Hello):
+                return
+
+    def _closed_or_need_data(self) -> ConnectionClosed | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if len(self._buf):
+            self._state = _State.CLOSED
+            raise ProtocolError(f"peer closed mid-frame ({len(self._buf)} bytes pending)")
+        self._state = _State.CLOSED
+        return ConnectionClosed()
+
+    def _next_hello(self) -> Hello | ConnectionClosed | NeedData:
+        if len(self._buf) < HELLO.size:
+            return self._closed_or_need_data()
+        magic, version, flags, export_len, token_len, reserved = HELLO.layout.unpack(
+            self._buf.peek(HELLO.size)
+        )
+        if magic != HELLO_MAGIC:
+            self._state = _State.CLOSED
+            raise ProtocolError(f"bad HELLO magic {magic:#010x}")
+        if version != PROTO_VERSION:
+            raise self._refusal(LoginStatus.BAD_VERSION, f"unsupported version {version}")
+        if flags or reserved:
+            raise self._refusal(LoginStatus.BAD_REQUEST, "non-zero HELLO flags or reserved")
+        if not 0 < export_len <= MAX_EXPORT_NAME:
+            raise self._refusal(LoginStatus.BAD_REQUEST, f"export name length {export_len}")
+        if not MIN_TOKEN <= token_len <= MAX_TOKEN:
+            raise self._refusal(LoginStatus.BAD_REQUEST, f"token length {token_len}")
+        if len(self._buf) < HELLO.size + export_len + token_len:
+            return self._closed_or_need_data()
+        self._buf.take(HELLO.size)
+        raw_name = self._buf.take(export_len)
+        token = self._buf.take(token_len)
+        try:
+            export = validate_export_name(raw_name.decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise self._refusal(LoginStatus.BAD_REQUEST, f"export name: {exc}") from None
+        self._state = _State.AWAIT_LOGIN_DECISION
+        return Hello(version=version, export=export, token=token)
+
+    def _refusal(self, status: LoginStatus, reason: str) -> ProtocolError:
+        return ProtocolError(reason, reply=self.refuse(status))
+
+    def _next_request(self) -> Request | InvalidRequest | Disconnect | ConnectionClosed | NeedData:
+        assert self._geometry is not None
+        if len(self._buf) < REQUEST.size:
+            return self._closed_or_need_data()
+        magic, flags, opcode, handle, offset, length, reserved = REQUEST.layout.unpack(
+            self._buf.peek(REQUEST.size)
+        )
+        if magic != REQUEST_MAGIC:
+            self._state = _State.CLOSED
+            raise ProtocolError(f"bad request magic {magic:#010x}")
+        has_payload = opcode == Cmd.WRITE
+        if has_payload and length > self._geometry.max_payload:
+            self._state = _State.CLOSED
+            raise ProtocolError(f"WRITE of {length} bytes exceeds max payload")
+        if has_payload and len(self._buf) < REQUEST.size + length:
+            return self._closed_or_need_data()
+        self._buf.take(REQUEST.size)
+        data = self._buf.take(length) if has_payload else b""
+        if handle in self._inflight:
+            self._state = _State.CLOSED
+            raise ProtocolError(f"handle {handle:#x} is already in flight")
+        error, reason = _check_request(self._geometry, opcode, flags, offset, length, reserved)
+        if error is not Errno.OK:
+            self._inflight.add(handle)
+            return InvalidRequest(handle=handle, opcode=opcode, error=error, reason=reason)
+        cmd = Cmd(opcode)
+        if cmd is Cmd.DISCONNECT:
+            self._state = _State.DISCONNECTING
+            return Disconnect()
+        self._inflight.add(handle)
+        return Request(cmd, CmdFlag(flags), handle, offset, length, data)
+
+
+def _check_request(
+    geometry: ExportGeometry, opcode: int, flags: int, offset: int, length: int, reserved: int
+) -> tuple[Errno, str]:
+    """Why a well-framed request must be refused, as (errno, reason)."""
+    try:
+        cmd = Cmd(opcode)
+    except ValueError:
+        return Errno.INVAL, f"unknown opcode {opcode}"
+    if reserved:
+        return Errno.INVAL, "non-zero reserved field"
+    if flags & ~int(ALLOWED_FLAGS[cmd]):  # ~IntFlag keeps only known bits
+        return Errno.INVAL, f"flags {flags:#x} not valid for {cmd.name}"
+    needed = REQUIRED_EXPORT_FLAG.get(cmd)
+    if needed is not None and not geometry.flags & needed:
+        return Errno.NOTSUP, f"export does not offer {cmd.name}"
+    if cmd in MUTATING and geometry.flags & ExportFlag.READ_ONLY:
+        return Errno.PERM, f"{cmd.name} on a read-only export"
+    if cmd not in RANGED:
+        if offset or length:
+            return Errno.INVAL, f"{cmd.name} with offset or length"
+        return Errno.OK, ""
+    if length == 0 or offset % BLOCK_SIZE or length % BLOCK_SIZE:
+        return Errno.INVAL, f"range {offset}+{length} is empty or not {BLOCK_SIZE}-aligned"
+    if cmd is Cmd.READ and length > geometry.max_payload:
+        return Errno.OVERFLOW, f"READ of {length} bytes exceeds max payload"
+    if offset + length > geometry.size:
+        beyond = Errno.NOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.INVAL
+        return beyond, f"range {offset}+{length} beyond export size {geometry.size}"
+    return Errno.OK, ""
+
+
+class ClientConnection:
+    """Client side of one connection: HELLO, then tagged requests.
+
+    Tracks which handles are outstanding and how long each READ is, since a
+    READ reply carries no length of its own.
+    """
+
+    def __init__(self) -> None:
+        self._buf = _Buffer()
+        self._eof = False
+        self._logged_in = False
+        self._read_lengths: dict[int, int] = {}
+        self._outstanding: set[int] = set()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    def send_hello(self, export: str, token: bytes) -> bytes:
+        validate_export_name(export)
+        if not MIN_TOKEN <= len(token) <= MAX_TOKEN:
+            raise ValueError(f"token must be {MIN_TOKEN}..{MAX_TOKEN} bytes")
+        return encode_hello(export, token)
+
+    def send_request(
+        self, opcode: Cmd, handle: int, offset: int = 0, length: int = 0, flags: int = 0
+    ) -> bytes:
+        """Encode a request header and remember the handle (send WRITE data after it)."""
+        if handle in self._outstanding:
+            raise ValueError(f"handle {handle:#x} is already outstanding")
+        if opcode is not Cmd.DISCONNECT:
+            self._outstanding.add(handle)
+        if opcode is Cmd.READ:
+            self._read_lengths[handle] = length
+        return encode_request(opcode, handle, offset, length, flags)
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            self._buf.feed(data)
+        else:
+            self._eof = True
+
+    def next_event(self) -> ClientEvent | NeedData:
+        """Parse the next event, or NEED_DATA.  Raises ProtocolError."""
+        if not self._logged_in:
+            return self._next_hello_reply()
+        if len(self._buf) < REPLY.size:
+            return self._closed_or_need_data()
+        magic, error, handle = REPLY.layout.unpack(self._buf.peek(REPLY.size))
+        if magic != REPLY_MAGIC:
+            raise ProtocolError(f"bad reply magic {magic:#010x}")
+        if handle not in self._outstanding:
+            raise ProtocolError(f"reply for unknown handle {handle:#x}")
+        try:
+            errno = Errno(error)
+        except ValueError:
+            raise ProtocolError(f"unknown error code {error}") from None
+        data_len = self._read_lengths.get(handle, 0) if errno is Errno.OK else 0
+        if len(self._buf) < REPLY.size + data_len:
+            return self._closed_or_need_data()
+        self._buf.take(REPLY.size)
+        data = self._buf.take(data_len) if data_len else b""
+        self._outstanding.discard(handle)
+        self._read_lengths.pop(handle, None)
+        return Reply(handle=handle, error=errno, data=data)
+
+    def _next_hello_reply(self) -> HelloReply | ConnectionClosed | NeedData:
+        if len(self._buf) < HELLO_REPLY.size:
+            return self._closed_or_need_data()
+        (magic, version, status, size, block_size, max_payload, flags, max_inflight) = (
+            HELLO_REPLY.layout.unpack(self._buf.take(HELLO_REPLY.size))
+        )
+        if magic != HELLO_MAGIC:
+            raise ProtocolError(f"bad HELLO reply magic {magic:#010x}")
+        try:
+            login = LoginStatus(status)
+        except ValueError:
+            raise ProtocolError(f"unknown login status {status}") from None
+        self._logged_in = login is LoginStatus.OK
+        return HelloReply(
+            status=login,
+            version=version,
+            export_size=size,
+            block_size=block_size,
+            max_payload=max_payload,
+            export_flags=ExportFlag(flags),
+            max_inflight=max_inflight,
+        )
+
+    def _closed_or_need_data(self) -> ConnectionClosed | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if len(self._buf):
+            raise ProtocolError(f"server closed mid-frame ({len(self._buf)} bytes pending)")
+        return ConnectionClosed()

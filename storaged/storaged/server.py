@@ -1,0 +1,211 @@
+"""storaged's lifecycle: unlock volumes, listen, serve, shut down cleanly.
+
+Shutdown (SIGTERM or SIGINT): stop accepting, stop reading new requests,
+let in-flight requests finish and their replies go out, fdatasync every
+volume, then close.  The control socket answers with a JSON stats snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from storaged.cache import SectorCache
+from storaged.config import Config, ConfigError, ExportConfig
+from storaged.login import Gatekeeper
+from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
+from storaged.session import Export, Session, SessionLimits
+from storaged.stats import ServerStats
+from storaged.tlsconf import server_context
+from storaged.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: Reader buffer per connection; the codec never holds more than a frame + this.
+STREAM_LIMIT = 1 << 20
+#: How long a flush during shutdown may take per volume before we give up.
+FLUSH_TIMEOUT = 60.0
+
+
+def read_passphrase(export: ExportConfig) -> bytes:
+    """The export's passphrase from its file or environment variable."""
+    if export.passphrase_file is not None:
+        try:
+            raw = export.passphrase_file.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"exports.{export.name}.passphrase_file: cannot read "
+                f"{export.passphrase_file}: {exc.strerror}"
+            ) from None
+        return raw.removesuffix(b"\n")
+    assert export.passphrase_env is not None
+    value = os.environ.get(export.passphrase_env)
+    if value is None:
+        raise ConfigError(
+            f"exports.{export.name}.passphrase_env: ${export.passphrase_env} is not set"
+        )
+    return value.encode()
+
+
+def export_flags(config: ExportConfig) -> ExportFlag:
+    flags = ExportFlag.SEND_FLUSH | ExportFlag.SEND_FUA | ExportFlag.SEND_WRITE_ZEROES
+    if config.trim:
+        flags |= ExportFlag.SEND_TRIM
+    return flags
+
+
+class StorageServer:
+    """Owns the volumes, the worker pool, the listeners and the sessions."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self.cache = SectorCache(config.cache_bytes, BLOCK_SIZE)
+        self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="storaged-io")
+        self.gatekeeper = Gatekeeper(config.clients, config.exports, config.login)
+        self.exports: dict[str, Export] = {}
+        self._servers: list[asyncio.Server] = []
+        self._sessions: dict[Session, asyncio.Task[None]] = {}
+        self._stopped = asyncio.Event()
+        self.addresses: list[tuple[str, int]] = []
+
+    async def open_volumes(self) -> None:
+        """Unlock every export's volume (argon2id: seconds, in parallel)."""
+        loop = asyncio.get_running_loop()
+
+        async def unlock(export: ExportConfig) -> Export:
+            passphrase = read_passphrase(export)
+            try:
+                volume = await loop.run_in_executor(
+                    self.pool, Volume.open, export.volume, passphrase, self.cache
+                )
+            except OSError as exc:
+                raise ConfigError(f"exports.{export.name}: {exc}") from None
+            if volume.size % BLOCK_SIZE or volume.size <= 0:
+                raise ConfigError(f"exports.{export.name}: volume size {volume.size} is unusable")
+            return Export(export.name, volume, export_flags(export))
+
+        for export in await asyncio.gather(*map(unlock, self.config.exports.values())):
+            self.exports[export.name] = export
+            log.info(
+                "export ready",
+                extra={
+                    "event": "export_ready",
+                    "export": export.name,
+                    "volume": str(export.volume.path),
+                    "size": export.volume.size,
+                },
+            )
+
+    async def start(self) -> None:
+        tls = server_context(self.config.tls.cert, self.config.tls.key, self.config.tls.ca)
+        limits = SessionLimits(
+            max_inflight=self.config.max_inflight,
+            max_inflight_bytes=self.config.max_inflight_bytes,
+            max_payload=self.config.max_payload,
+            login_timeout=self.config.login.timeout,
+        )
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            session = Session(
+                reader,
+                writer,
+                tls=tls,
+                gatekeeper=self.gatekeeper,
+                exports=self.exports,
+                limits=limits,
+                pool=self.pool,
+                stats=self.stats,
+            )
+            self._sessions[session] = asyncio.current_task()  # type: ignore[assignment]
+            self.stats.connections_open += 1
+            self.stats.connections_total += 1
+            try:
+                await session.run()
+            finally:
+                self.stats.connections_open -= 1
+                del self._sessions[session]
+
+        for host in self.config.listen:
+            server = await asyncio.start_server(
+                accept, host, self.config.port, limit=STREAM_LIMIT, reuse_address=True
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                self.addresses.append(sock.getsockname()[:2])
+        if self.config.control_socket is not None:
+            await self._start_control(self.config.control_socket)
+        log.info(
+            "storaged listening",
+            extra={"event": "listening", "addresses": [f"{h}:{p}" for h, p in self.addresses]},
+        )
+
+    async def _start_control(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+
+        async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(json.dumps(self.snapshot(), indent=2).encode() + b"\n")
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+        old_umask = os.umask(0o177)  # the socket is born 0600: stats are for root
+        try:
+            self._servers.append(await asyncio.start_unix_server(answer, path))
+        finally:
+            os.umask(old_umask)
+
+    def snapshot(self) -> dict[str, Any]:
+        cache = self.cache.stats()
+        snap = self.stats.snapshot()
+        snap["cache"] = {
+            "capacity_bytes": cache.capacity_bytes,
+            "used_bytes": cache.used_bytes,
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "hit_ratio": round(cache.hit_ratio, 4),
+        }
+        snap["volumes"] = {
+            name: {"path": str(e.volume.path), "size": e.volume.size}
+            for name, e in self.exports.items()
+        }
+        return snap
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        await self._stopped.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down", extra={"event": "shutdown", "sessions": len(self._sessions)})
+        for server in self._servers:
+            server.close()
+        for session in list(self._sessions):
+            session.stop()
+        tasks = list(self._sessions.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
+            for task in pending:
+                task.cancel()
+        loop = asyncio.get_running_loop()
+        for export in self.exports.values():
+            await asyncio.wait_for(
+                loop.run_in_executor(self.pool, export.volume.close), FLUSH_TIMEOUT
+            )
+        self.pool.shutdown(wait=True)
+        if self.config.control_socket is not None:
+            self.config.control_socket.unlink(missing_ok=True)
+        log.info("stopped", extra={"event": "stopped"})

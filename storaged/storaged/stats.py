@@ -1,0 +1,136 @@
+"""Per-export and per-client counters, updated on the event loop thread only
+(so they need no lock) and read by operators through the control socket."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from storaged.protocol.constants import Cmd, Errno
+
+#: Latency buckets are powers of two of microseconds: 1 us .. ~68 s.
+LATENCY_BUCKETS = 27
+
+
+@dataclass
+class LatencyHistogram:
+    """Log2 histogram: cheap to update, percentiles within a factor of 2."""
+
+    buckets: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
+    count: int = 0
+    total_us: int = 0
+    max_us: int = 0
+
+    def record(self, seconds: float) -> None:
+        micros = max(1, int(seconds * 1_000_000))
+        self.buckets[min(micros.bit_length() - 1, LATENCY_BUCKETS - 1)] += 1
+        self.count += 1
+        self.total_us += micros
+        self.max_us = max(self.max_us, micros)
+
+    def percentile(self, fraction: float) -> int:
+        """Upper bound in microseconds of the bucket holding ``fraction``."""
+        if not self.count:
+            return 0
+        rank = fraction * self.count
+        seen = 0
+        for index, hits in enumerate(self.buckets):
+            seen += hits
+            if seen >= rank:
+                return min(1 << (index + 1), self.max_us)
+        return self.max_us
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "count": self.count,
+            "mean_us": self.total_us // self.count if self.count else 0,
+            "p50_us": self.percentile(0.50),
+            "p99_us": self.percentile(0.99),
+            "max_us": self.max_us,
+        }
+
+
+@dataclass
+class IoCounters:
+    """What happened on one export or for one client."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def record(
+        self, op: Cmd, length: int, error: Errno, cache_hit: bool | None, seconds: float
+    ) -> None:
+        self.requests[op.name.lower()] += 1
+        if error is not Errno.OK:
+            self.errors += 1
+        elif op is Cmd.READ:
+            self.bytes_read += length
+        elif op is Cmd.WRITE:
+            self.bytes_written += length
+        if cache_hit is not None:
+            if cache_hit:
+                self.cache_hits += 1
+            else:
+                self.cache_misses += 1
+        self.latency.record(seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": dict(sorted(self.requests.items())),
+            "requests_total": sum(self.requests.values()),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "errors": self.errors,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "latency": self.latency.as_dict(),
+        }
+
+
+@dataclass
+class ServerStats:
+    """Everything storaged counts; ``snapshot`` is what operators see."""
+
+    started: float = field(default_factory=time.time)
+    connections_open: int = 0
+    connections_total: int = 0
+    logins_ok: int = 0
+    logins_failed: Counter[str] = field(default_factory=Counter)
+    protocol_errors: int = 0
+    exports: dict[str, IoCounters] = field(default_factory=dict)
+    clients: dict[str, IoCounters] = field(default_factory=dict)
+
+    def record_request(
+        self,
+        export: str,
+        client: str,
+        op: Cmd,
+        length: int,
+        error: Errno,
+        cache_hit: bool | None,
+        seconds: float,
+    ) -> None:
+        for table, key in ((self.exports, export), (self.clients, client)):
+            counters = table.get(key)
+            if counters is None:
+                counters = table[key] = IoCounters()
+            counters.record(op, length, error, cache_hit, seconds)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "uptime_s": round(time.time() - self.started, 3),
+            "connections_open": self.connections_open,
+            "connections_total": self.connections_total,
+            "logins_ok": self.logins_ok,
+            "logins_failed": dict(sorted(self.logins_failed.items())),
+            "protocol_errors": self.protocol_errors,
+            "exports": {k: v.as_dict() for k, v in sorted(self.exports.items())},
+            "clients": {k: v.as_dict() for k, v in sorted(self.clients.items())},
+        }

@@ -1,0 +1,185 @@
+"""Block I/O on an unlocked LUKS2 volume file (the blocking half of storaged).
+
+Methods here block (pread, pwrite, fdatasync, AES) and are called from the
+server's worker threads, never from the event loop; they are thread-safe.
+
+Sparse files: a sector whose ciphertext is all zeros is a hole (never
+written, trimmed or zeroed) and reads back as plaintext zeros.  Real
+AES-XTS output is all zeros with probability 2**-32768, so no data sector is
+ever mistaken for a hole.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from storaged import luks2
+from storaged.cache import SectorCache
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: Reads up to this size fill the cache; larger ones (scans) would only evict.
+CACHE_MAX_READ = 128 << 10
+#: WRITE_ZEROES without holes encrypts zeros in chunks of this size.
+ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a byte range so it reads back as zeros (size unchanged)."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    data: bytes
+    cache_hit: bool
+
+
+class Volume:
+    """An unlocked volume: byte offsets are relative to its data segment."""
+
+    _ids = iter(range(1, 1 << 62))
+    _ids_lock = threading.Lock()
+
+    def __init__(
+        self,
+        path: Path,
+        volume_key: bytes,
+        info: luks2.VolumeInfo,
+        cache: SectorCache,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        self.path = path
+        self.sector_size = info.sector_size
+        self.data_offset = info.data_offset
+        self.read_only = read_only
+        self._cipher = luks2.SectorCipher(volume_key, info.sector_size, info.iv_tweak)
+        self._zero_sector = bytes(info.sector_size)
+        self._cache = cache
+        with Volume._ids_lock:
+            self._id = next(Volume._ids)
+        self._fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.size = info.data_size
+        self._punch_supported = True
+
+    @classmethod
+    def open(
+        cls, path: Path, passphrase: bytes, cache: SectorCache, *, read_only: bool = False
+    ) -> Volume:
+        """Unlock ``path`` with ``passphrase`` (slow: argon2id by design)."""
+        info = luks2.read_info(path)
+        key = luks2.unlock(path, passphrase)
+        return cls(path, key, info, cache, read_only=read_only)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        if not self.read_only:
+            os.fdatasync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+
+    def _sectors(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.sector_size, length // self.sector_size
+
+    def read(self, offset: int, length: int) -> ReadResult:
+        first, count = self._sectors(offset, length)
+        cached = self._cache.lookup(self._id, first, count)
+        if cached is not None:
+            return ReadResult(b"".join(cached), cache_hit=True)
+        fill = length <= CACHE_MAX_READ
+        snapshot = self._cache.snapshot(self._id, first, count) if fill else ()
+        data = self._decrypt(offset, self._pread(offset, length))
+        if fill:
+            size = self.sector_size
+            sectors = [data[i : i + size] for i in range(0, length, size)]
+            self._cache.fill(self._id, first, sectors, snapshot)
+        return ReadResult(data, cache_hit=False)
+
+    def write(self, offset: int, data: bytes, *, fua: bool) -> None:
+        self._pwrite(offset, self._cipher.encrypt(offset, data))
+        self._cache.invalidate(self._id, *self._sectors(offset, len(data)))
+        if fua:
+            self.flush()
+
+    def trim(self, offset: int, length: int, *, fua: bool) -> None:
+        """Deallocate: the range reads back as zeros and frees space."""
+        self._deallocate(offset, length)
+        self._cache.invalidate(self._id, *self._sectors(offset, length))
+        if fua:
+            self.flush()
+
+    def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fua: bool) -> None:
+        """Zero a range, keeping it allocated only when ``no_hole`` asks."""
+        if no_hole:
+            for start in range(offset, offset + length, ZERO_CHUNK):
+                chunk = min(ZERO_CHUNK, offset + length - start)
+                self._pwrite(start, self._cipher.encrypt(start, bytes(chunk)))
+        else:
+            self._deallocate(offset, length)
+        self._cache.invalidate(self._id, *self._sectors(offset, length))
+        if fua:
+            self.flush()
+
+    def flush(self) -> None:
+        """Make every completed write durable (the FLUSH and FUA contract)."""
+        os.fdatasync(self._fd)
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self._fd, length, self.data_offset + offset)
+        if len(data) < length:  # a file shorter than its size reads as holes
+            data += bytes(length - len(data))
+        return data
+
+    def _pwrite(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        position = self.data_offset + offset
+        while view:
+            written = os.pwrite(self._fd, view, position)
+            view = view[written:]
+            position += written
+
+    def _deallocate(self, offset: int, length: int) -> None:
+        if self._punch_supported:
+            try:
+                punch_hole(self._fd, self.data_offset + offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._punch_supported = False
+        for start in range(offset, offset + length, ZERO_CHUNK):
+            self._pwrite(start, bytes(min(ZERO_CHUNK, offset + length - start)))
+
+    def _decrypt(self, offset: int, raw: bytes) -> bytes:
+        """Decrypt whole sectors, leaving holes as zeros; runs decrypt at once."""
+        size = self.sector_size
+        view = memoryview(raw)
+        holes = [view[i : i + size] == self._zero_sector for i in range(0, len(raw), size)]
+        if not any(holes):
+            return self._cipher.decrypt(offset, raw)
+        if all(holes):
+            return bytes(len(raw))
+        out = bytearray(len(raw))
+        index = 0
+        while index < len(holes):
+            end = index
+            while end < len(holes) and holes[end] == holes[index]:
+                end += 1
+            if not holes[index]:
+                start, stop = index * size, end * size
+                out[start:stop] = self._cipher.decrypt(offset + start, raw[start:stop])
+            index = end
+        return bytes(out)

@@ -1,0 +1,184 @@
+"""A real storaged stack for tests: PKI, tokens, LUKS2 volumes, config.
+
+``Stack`` writes everything into a temporary directory; ``serving`` runs the
+real StorageServer in the test's event loop, ``ServerProcess`` runs the
+``storaged`` console script as a separate process (for kill -9 and SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netblk_certs.tokens import generate_token, hash_token
+from storaged import luks2
+from storaged.client import NetblkClient
+from storaged.config import load_config
+from storaged.server import StorageServer
+from storaged.tlsconf import client_context
+from tests.pki_fixtures import PkiFiles
+
+VOLUME_SIZE = 64 << 20
+PASSPHRASE = b"correct horse battery staple"
+#: Exports of the standard stack and who may use them how.
+EXPORTS = {
+    "data": {"alice": "rw", "bob": "ro"},
+    "other": {"bob": "rw"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    """Config, volumes and credentials for one storaged instance."""
+
+    pki: PkiFiles
+    root: Path
+    port: int = field(default_factory=free_port)
+    tokens: dict[str, str] = field(default_factory=dict)
+    extra_config: str = ""
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "volume.pass").write_bytes(PASSPHRASE + b"\n")
+        for client in ("alice", "bob"):
+            self.tokens[client] = generate_token()
+        for export in EXPORTS:
+            luks2.format_volume(
+                self.volume_path(export), VOLUME_SIZE, PASSPHRASE, luks2.TEST_KDF_PARAMS
+            )
+        self.config_path.write_text(self.render_config())
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "storaged.toml"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.sock"
+
+    def volume_path(self, export: str) -> Path:
+        return self.root / f"{export}.luks"
+
+    def render_config(self) -> str:
+        lines = [
+            "[server]",
+            'listen = ["127.0.0.1"]',
+            f"port = {self.port}",
+            f'control_socket = "{self.control_socket}"',
+            "workers = 4",
+            "[tls]",
+            f'cert = "{self.pki.server_cert}"',
+            f'key = "{self.pki.server_key}"',
+            f'ca = "{self.pki.ca_cert}"',
+            "[log]",
+            'format = "json"',
+            'level = "DEBUG"',
+        ]
+        for client, token in self.tokens.items():
+            lines += [f"[clients.{client}]", f'token_hash = "{hash_token(token)}"']
+        for export, access in EXPORTS.items():
+            lines += [
+                f"[exports.{export}]",
+                f'volume = "{self.volume_path(export)}"',
+                'passphrase_file = "volume.pass"',
+                f"[exports.{export}.access]",
+            ]
+            lines += [f'{client} = "{right}"' for client, right in access.items()]
+        return "\n".join(lines) + "\n" + self.extra_config
+
+    def client_tls(self, client: str = "alice") -> tuple[Path, Path]:
+        return getattr(self.pki, f"{client}_cert"), getattr(self.pki, f"{client}_key")
+
+    async def connect(
+        self,
+        export: str = "data",
+        client: str = "alice",
+        *,
+        token: str | None = None,
+        cert: tuple[Path, Path] | None = None,
+        ca: Path | None = None,
+    ) -> NetblkClient:
+        cert_path, key_path = cert or self.client_tls(client)
+        context = client_context(ca or self.pki.ca_cert, cert_path, key_path)
+        return await NetblkClient.connect(
+            "127.0.0.1",
+            self.port,
+            ssl_context=context,
+            export=export,
+            token=(token or self.tokens[client]).encode(),
+            server_hostname="localhost",
+        )
+
+
+@contextlib.asynccontextmanager
+async def serving(stack: Stack) -> AsyncIterator[StorageServer]:
+    """Run the real server in this event loop for the duration of the block."""
+    server = StorageServer(load_config(stack.config_path))
+    await server.open_volumes()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+class ServerProcess:
+    """``storaged --config`` as a child process, logs to a file."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.log_path = stack.root / "storaged.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        script = Path(sys.executable).with_name("storaged")
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(script), "--config", str(self.stack.config_path)],
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"storaged exited: {self.log_path.read_text()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.stack.port), timeout=1),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("storaged did not start listening")
+
+    def signal(self, signum: signal.Signals) -> int:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signum)
+        return self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGKILL)
+
+
+def run(coro: object) -> object:
+    """asyncio.run with a generous debug-friendly timeout for one test body."""
+
+    async def bounded() -> object:
+        return await asyncio.wait_for(coro, timeout=120)  # type: ignore[arg-type]
+
+    return asyncio.run(bounded())
