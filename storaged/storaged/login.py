@@ -95,10 +95,12 @@ class Gatekeeper:
     def _judge(self, identity: str | None, export: str, token: bytes) -> LoginDecision:
         client = self._clients.get(identity) if identity else None
         try:
-            token_text = token.decode()
+            token_text: str | None = token.decode()
         except UnicodeDecodeError:
-            token_text = ""
-        token_ok = verify_token(client.token_hash if client else self._decoy_hash, token_text)
+            token_text = None  # no configured token can match it
+        token_ok = token_text is not None and verify_token(
+            client.token_hash if client else self._decoy_hash, token_text
+        )
         if client is None:
             return LoginDecision(
                 LoginStatus.DENIED, f"certificate identity {identity!r} is not a configured client"

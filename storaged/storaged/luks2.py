@@ -481,6 +481,8 @@ def _parse_keyslot(slot_id: int, slot: JsonObject, keyslots_size: int) -> _Keysl
         if "priority" in slot
         else KEYSLOT_PRIORITY_NORMAL,
     )
+    if keyslot.key_size == 0 or keyslot.af_stripes == 0:
+        raise Luks2Error(f"{where}: empty key or zero AF stripes")
     area_end = KEYSLOTS_OFFSET + keyslots_size
     if not (KEYSLOTS_OFFSET <= keyslot.area_offset <= area_end - keyslot.area_size):
         raise Luks2Error(f"{where}: area lies outside the keyslots area")
@@ -568,14 +570,20 @@ def _checksum(alg: str, binary_header: bytes, json_area: bytes) -> bytes:
     return digest.digest()
 
 
+_BAD_MAGIC = "bad magic"
+_TOO_SHORT = "file too short"
+#: Reasons that mean "no header here" rather than "a damaged header here".
+_NO_HEADER = (_BAD_MAGIC, _TOO_SHORT)
+
+
 def _read_copy(fd: int, offset: int, *, secondary: bool) -> _Header | str:
     """Read and validate one header copy; return the reason when it is unusable."""
     binary = os.pread(fd, BINARY_HEADER_SIZE, offset)
     if len(binary) < BINARY_HEADER_SIZE:
-        return "file too short"
+        return _TOO_SHORT
     disk = _DiskHeader._make(_BINARY_HEADER.unpack_from(binary))
     if disk.magic != (MAGIC_SECONDARY if secondary else MAGIC_PRIMARY):
-        return "bad magic"
+        return _BAD_MAGIC
     if disk.version != LUKS2_VERSION:
         return f"unsupported LUKS version {disk.version}"
     if disk.hdr_offset != offset or (secondary and disk.metadata_size != offset):
@@ -588,7 +596,7 @@ def _read_copy(fd: int, offset: int, *, secondary: bool) -> _Header | str:
     json_size = disk.metadata_size - BINARY_HEADER_SIZE
     json_area = os.pread(fd, json_size, offset + BINARY_HEADER_SIZE)
     if len(json_area) < json_size:
-        return "file too short"
+        return _TOO_SHORT
     expected = _checksum(alg, binary, json_area)
     if not hmac.compare_digest(disk.csum[: len(expected)], expected):
         return "checksum mismatch"
@@ -617,14 +625,19 @@ def _load_header(fd: int, path: Path) -> _Header:
     if isinstance(primary, _Header):
         secondary = _read_copy(fd, primary.identity.metadata_size, secondary=True)
     else:
-        # Without a primary we do not know the header size: probe like cryptsetup.
+        # Without a primary we do not know the header size: probe like cryptsetup,
+        # and report why a copy that exists is unusable rather than the empty probes.
+        reasons = []
         for offset in SECONDARY_HEADER_OFFSETS:
             secondary = _read_copy(fd, offset, secondary=True)
             if isinstance(secondary, _Header):
                 break
+            reasons.append(secondary)
+        else:
+            secondary = next((r for r in reasons if r not in _NO_HEADER), _BAD_MAGIC)
     copies = [copy for copy in (primary, secondary) if isinstance(copy, _Header)]
     if not copies:
-        if primary == "bad magic" and secondary == "bad magic":
+        if primary == _BAD_MAGIC and secondary == _BAD_MAGIC:
             raise Luks2Error(f"{path}: not a LUKS2 volume (bad magic)")
         raise Luks2Error(
             f"{path}: no valid LUKS2 header (primary: {primary}; secondary: {secondary})"
@@ -667,6 +680,9 @@ def _argon2(kind: str, passphrase: bytes, salt: bytes, params: KdfParams, length
 def _derive_key(kdf: _Kdf, passphrase: bytes, length: int) -> bytes:
     """Turn a passphrase into the key that decrypts a keyslot area."""
     if kdf.type in _ARGON2_TYPES:
+        if kdf.memory_kib > ARGON2_MAX_MEMORY_KIB:
+            # A crafted header must not make us allocate without bound.
+            raise Luks2Error(f"argon2 memory {kdf.memory_kib} KiB exceeds cryptsetup's limit")
         params = KdfParams(kdf.time_cost, kdf.memory_kib, kdf.parallelism)
         return _argon2(kdf.type, passphrase, kdf.salt, params, length)
     if kdf.type == "pbkdf2" and kdf.hash is not None:
@@ -682,11 +698,8 @@ def _diffuse(block: bytes, hash_name: str) -> bytes:
     out = []
     for index, start in enumerate(range(0, len(block), size)):
         chunk = block[start : start + size]
-        out.append(
-            hashlib.new(hash_name, index.to_bytes(_AF_INDEX_SIZE, "big") + chunk).digest()[
-                : len(chunk)
-            ]
-        )
+        digest = hashlib.new(hash_name, index.to_bytes(_AF_INDEX_SIZE, "big") + chunk).digest()
+        out.append(digest[: len(chunk)])
     return b"".join(out)
 
 
@@ -773,6 +786,7 @@ def _digest_matches(digest: _Digest, key: bytes) -> bool:
 
 
 def _make_digest(volume_key: bytes, iterations: int) -> JsonObject:
+    """The digest of a new volume, binding keyslot 0 to segment 0."""
     salt = secrets.token_bytes(KDF_SALT_SIZE)
     value = hashlib.pbkdf2_hmac(DIGEST_HASH, volume_key, salt, iterations)
     return {
@@ -837,14 +851,21 @@ def _find_volume_key(fd: int, meta: _Metadata, passphrase: bytes) -> tuple[int, 
         (slot for slot in meta.keyslots.values() if slot.priority != KEYSLOT_PRIORITY_IGNORE),
         key=lambda slot: (-slot.priority, slot.id),
     )
+    skipped = []
     for slot in slots:
         digest = next((d for d in meta.digests if slot.id in d.keyslots), None)
         if digest is None:
             continue
-        candidate = _open_keyslot(fd, slot, passphrase)
+        try:
+            candidate = _open_keyslot(fd, slot, passphrase)
+        except Luks2Error as exc:
+            # One odd keyslot must not hide the others.
+            skipped.append(f"keyslot {slot.id}: {exc}")
+            continue
         if _digest_matches(digest, candidate):
             return slot.id, candidate, digest
-    raise Luks2Error("no keyslot matches this passphrase")
+    note = f" (skipped {'; '.join(skipped)})" if skipped else ""
+    raise Luks2Error(f"no keyslot matches this passphrase{note}")
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 from storaged.cache import SectorCache
 from storaged.config import Config, ConfigError, ExportConfig
 from storaged.login import Gatekeeper
+from storaged.luks2 import Luks2Error
 from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
 from storaged.session import Export, Session, SessionLimits
 from storaged.stats import ServerStats
@@ -86,8 +87,8 @@ class StorageServer:
                 volume = await loop.run_in_executor(
                     self.pool, Volume.open, export.volume, passphrase, self.cache
                 )
-            except OSError as exc:
-                raise ConfigError(f"exports.{export.name}: {exc}") from None
+            except (OSError, Luks2Error) as exc:
+                raise ConfigError(f"exports.{export.name}: {export.volume}: {exc}") from None
             if volume.size % BLOCK_SIZE or volume.size <= 0:
                 raise ConfigError(f"exports.{export.name}: volume size {volume.size} is unusable")
             return Export(export.name, volume, export_flags(export))

@@ -124,6 +124,8 @@ class Session:
                 self._writer.write(exc.reply)
         except (ConnectionError, ssl.SSLError) as exc:
             self._log(logging.INFO, "connection lost", "connection_lost", reason=str(exc))
+        except Exception:  # a bug must cost one connection, never the server
+            self._log(logging.ERROR, "internal error, closing", "internal_error", exc_info=True)
         finally:
             await self._idle.wait()
             if self._flush_on_close and self._export is not None:
@@ -236,9 +238,6 @@ class Session:
         except Exception:
             self._log(logging.ERROR, "request failed", "internal_error", exc_info=True)
             outcome = Outcome(Errno.IO)
-        header = self._conn.send_reply(request.handle, outcome.error)
-        if not self._writer.is_closing():
-            self._writer.write(header + outcome.data if outcome.data else header)
         self._stats.record_request(
             self._export.name,
             self.client or "?",
@@ -248,6 +247,9 @@ class Session:
             outcome.cache_hit,
             time.perf_counter() - started,
         )
+        header = self._conn.send_reply(request.handle, outcome.error)
+        if not self._writer.is_closing():
+            self._writer.write(header + outcome.data if outcome.data else header)
         if request.opcode in (Cmd.READ, Cmd.WRITE):
             self._inflight_bytes -= request.length
         self._room.set()

@@ -12,12 +12,15 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from netblk_certs.tokens import generate_token, hash_token
 from storaged import luks2
@@ -26,6 +29,8 @@ from storaged.config import load_config
 from storaged.server import StorageServer
 from storaged.tlsconf import client_context
 from tests.pki_fixtures import PkiFiles
+
+T = TypeVar("T")
 
 VOLUME_SIZE = 64 << 20
 PASSPHRASE = b"correct horse battery staple"
@@ -182,3 +187,56 @@ def run(coro: object) -> object:
         return await asyncio.wait_for(coro, timeout=120)  # type: ignore[arg-type]
 
     return asyncio.run(bounded())
+
+
+class ThreadedServer:
+    """The real server on its own event loop thread, for blocking tests
+    (raw sockets, hypothesis) that can't share the test's loop."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.loop = asyncio.new_event_loop()
+        self.server: StorageServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+
+        async def start() -> StorageServer:
+            server = StorageServer(load_config(self.stack.config_path))
+            await server.open_volumes()
+            await server.start()
+            return server
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=60)
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the server's loop (e.g. a client) and wait."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.call(self.server.shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+
+def raw_tls_socket(stack: Stack, client: str = "alice", timeout: float = 10) -> ssl.SSLSocket:
+    """A blocking TLS connection with ``client``'s certificate, not logged in."""
+    cert, key = stack.client_tls(client)
+    context = client_context(stack.pki.ca_cert, cert, key)
+    sock = socket.create_connection(("127.0.0.1", stack.port), timeout=timeout)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def recv_until_closed(sock: ssl.SSLSocket, limit: int = 1 << 22) -> bytes:
+    """Everything the server sends until it closes (or the timeout hits)."""
+    chunks = []
+    total = 0
+    with contextlib.suppress(OSError):
+        while total < limit and (chunk := sock.recv(65536)):
+            chunks.append(chunk)
+            total += len(chunk)
+    return b"".join(chunks)

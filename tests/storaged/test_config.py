@@ -1,0 +1,102 @@
+"""Config parsing: good files load, every mistake names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from storaged.config import Access, ConfigError, load_config, parse_size
+
+HASH = "$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+BASE = f"""
+[server]
+listen = ["127.0.0.1", "::1"]
+port = 10999
+[tls]
+cert = "server.crt"
+key = "server.key"
+ca = "ca.crt"
+[cache]
+size = "16MiB"
+[clients.alice]
+token_hash = "{HASH}"
+[exports.data]
+volume = "data.luks"
+passphrase_env = "DATA_PASS"
+[exports.data.access]
+alice = "rw"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "storaged.toml"
+    path.write_text(text)
+    return path
+
+
+def test_full_config_loads_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE))
+    assert config.listen == ("127.0.0.1", "::1")
+    assert config.port == 10999
+    assert config.tls.cert == tmp_path / "server.crt"
+    assert config.cache_bytes == 16 << 20
+    assert config.exports["data"].volume == tmp_path / "data.luks"
+    assert config.exports["data"].access == {"alice": Access.RW}
+    assert config.clients["alice"].token_hash == HASH
+
+
+def test_cli_overrides_win(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, BASE),
+        {"tls_cert": Path("/x/c.pem"), "port": 12345, "listen": ("::",), "tls_key": None},
+    )
+    assert config.tls.cert == Path("/x/c.pem")
+    assert config.tls.key == tmp_path / "server.key"
+    assert (config.port, config.listen) == (12345, ("::",))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("port = 10999", "port = 70000"), "server.port: must be 1..65535"),
+        (("port = 10999", 'port = "x"'), "server.port: expected int"),
+        (('size = "16MiB"', 'size = "lots"'), "cache.size: expected a size"),
+        (('alice = "rw"', 'alice = "admin"'), "exports.data.access.alice: expected 'rw'"),
+        (('alice = "rw"', 'carol = "rw"'), "exports.data.access.carol: unknown client"),
+        (('passphrase_env = "DATA_PASS"', ""), "set exactly one of passphrase_file"),
+        (("[exports.data]", "[exports.'../x']"), "exports.../x: export name"),
+        ((f'token_hash = "{HASH}"', 'token_hash = "plain"'), "expected an argon2id hash"),
+        (('cert = "server.crt"', 'cert = "server.crt"\nciphers = "x"'), "tls.ciphers: unknown"),
+        (('ca = "ca.crt"', ""), "tls.ca: required"),
+        (("[server]", "[server]\nmax_inflight = 0"), "server.max_inflight: must be positive"),
+        (("[server]", '[server]\nmax_payload = "2MiB"'), "server.max_payload: must be"),
+        (("[server]", "[server]\nmax_inflight_bytes = 4096"), "server.max_inflight_bytes"),
+    ],
+)
+def test_mistakes_name_their_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    old, new = change
+    assert old in BASE
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, BASE.replace(old, new, 1)))
+    assert message in str(caught.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"storaged\.toml"):
+        load_config(write(tmp_path, "[server\n"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "size"), [(4096, 4096), ("64M", 64 << 20), ("64MiB", 64 << 20), ("1G", 1 << 30)]
+)
+def test_sizes(raw: object, size: int) -> None:
+    assert parse_size(raw, "k") == size
+
+
+@pytest.mark.parametrize("raw", [-1, "1.5G", "ten", True, None])
+def test_bad_sizes(raw: object) -> None:
+    with pytest.raises(ConfigError, match="k: expected a size"):
+        parse_size(raw, "k")

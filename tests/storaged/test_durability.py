@@ -1,0 +1,104 @@
+"""Acknowledged data survives: FLUSH/FUA reach fdatasync, kill -9 loses
+nothing flushed, SIGTERM finishes in-flight requests and exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from storaged.client import ConnectionLost, RequestError
+from storaged.protocol.constants import BLOCK_SIZE
+from tests.storaged.stack import ServerProcess, Stack, run, serving
+
+
+@pytest.fixture
+def process(stack: Stack) -> Iterator[ServerProcess]:
+    proc = ServerProcess(stack)
+    yield proc
+    proc.stop()
+
+
+def test_flushed_writes_survive_kill_9(stack: Stack, process: ServerProcess) -> None:
+    blocks = {i * 37: os.urandom(BLOCK_SIZE * 8) for i in range(64)}
+    fua_block = os.urandom(BLOCK_SIZE)
+
+    async def write_all() -> None:
+        client = await stack.connect()
+        await asyncio.gather(*(client.write(b * BLOCK_SIZE, d) for b, d in blocks.items()))
+        await client.flush()
+        await client.write(10_000 * BLOCK_SIZE, fua_block, fua=True)
+        # No DISCONNECT: the server dies with this connection open.
+
+    async def read_all() -> None:
+        async with await stack.connect() as client:
+            for block, data in blocks.items():
+                assert await client.read(block * BLOCK_SIZE, len(data)) == data
+            assert await client.read(10_000 * BLOCK_SIZE, BLOCK_SIZE) == fua_block
+
+    process.start()
+    run(write_all())
+    assert process.signal(signal.SIGKILL) == -signal.SIGKILL
+    process.start()
+    run(read_all())
+
+
+def test_flush_and_fua_call_fdatasync(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 keeps the page cache, so also prove the power-loss half: an
+    acknowledged FLUSH or FUA write has been through fdatasync."""
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+
+    async def body() -> None:
+        async with serving(stack), await stack.connect() as client:
+            await client.write(0, bytes(BLOCK_SIZE))
+            assert synced == []
+            await client.flush()
+            assert len(synced) == 1
+            await client.write(0, bytes(BLOCK_SIZE), fua=True)
+            assert len(synced) == 2
+            await client.trim(0, BLOCK_SIZE)
+            assert len(synced) == 2
+
+    run(body())
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_cleanly(
+    stack: Stack, process: ServerProcess
+) -> None:
+    data = {i: os.urandom(64 * BLOCK_SIZE) for i in range(48)}
+
+    async def body() -> None:
+        client = await stack.connect()
+        writes = [
+            asyncio.ensure_future(client.write(i * 64 * BLOCK_SIZE, d)) for i, d in data.items()
+        ]
+        await asyncio.sleep(0.05)  # let some be in flight when the signal lands
+        assert process.proc is not None
+        os.kill(process.proc.pid, signal.SIGTERM)
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        # Each write either completed or was never taken: none half-done.
+        acknowledged = [i for i, r in zip(data, results, strict=True) if r is None]
+        for result in results:
+            assert result is None or isinstance(result, ConnectionLost | RequestError)
+        assert acknowledged, "no write was in flight long enough to be finished"
+        with pytest.raises(ConnectionLost):
+            await client.read(0, BLOCK_SIZE)
+        await client.close()
+        assert process.proc.wait(timeout=60) == 0
+        process.start()
+        async with await stack.connect() as again:
+            for i in acknowledged:
+                assert await again.read(i * 64 * BLOCK_SIZE, 64 * BLOCK_SIZE) == data[i]
+
+    process.start()
+    run(body())
+    log = [json.loads(line) for line in process.log_path.read_text().splitlines()]
+    events = [entry.get("event") for entry in log]
+    assert "shutdown" in events
+    assert "stopped" in events
