@@ -1,11 +1,12 @@
-# netblk: `make test` installs what it needs and runs every check.
+# netblk: `make test` installs what it needs and runs every check: lint,
+# types, host tests, then the in-VM tests in one QEMU guest boot.
 VENV := .venv
 BIN := $(VENV)/bin
 PY_SRC := storaged/storaged certs/netblk_certs tests
 
-.PHONY: test deps lint typecheck pytest
+.PHONY: test deps lint typecheck pytest vm-test
 
-test: deps lint typecheck pytest
+test: deps lint typecheck pytest vm-test
 
 deps:
 	@scripts/bootstrap
@@ -19,3 +20,6 @@ typecheck: deps
 
 pytest: deps
 	$(BIN)/pytest
+
+vm-test: deps
+	scripts/vm-test

@@ -16,19 +16,16 @@ import dataclasses
 import getpass
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from storaged import luks2
+from storaged import config, luks2
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE_PATTERN = re.compile(r"(\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 STDIN_NAME = "-"
 
 _Handler = Callable[[argparse.Namespace], int]
@@ -44,11 +41,12 @@ class CliError(Exception):
 
 def parse_size(text: str) -> int:
     """Parse ``4096``, ``64M``, ``1G``, ``1GiB`` (binary units) into bytes."""
-    match = _SIZE_PATTERN.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64M, 1GiB)")
-    unit = match.group(2)
-    return int(match.group(1)) * (_SIZE_UNITS[unit.lower()] if unit else 1)
+    try:
+        return config.parse_size(text, "size")
+    except config.ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (examples: 4096, 64M, 1GiB)"
+        ) from None
 
 
 def _positive_int(text: str) -> int:
