@@ -20,6 +20,8 @@ HEADER = Path(__file__).resolve().parents[2] / "kmod/include/uapi/linux/netblk.h
 
 #: C name prefix -> the Python enum holding those names (longest prefix wins).
 ENUM_PREFIXES: dict[str, type[IntEnum] | type[IntFlag]] = {
+    "NETBLK_GENL_CMD_": constants.GenlCmd,
+    "NETBLK_GENL_A_": constants.GenlAttr,
     "NETBLK_CMD_FLAG_": constants.CmdFlag,
     "NETBLK_CMD_": constants.Cmd,
     "NETBLK_EXPORT_": constants.ExportFlag,
@@ -30,7 +32,17 @@ STRUCTS = {s.c_name: s for s in constants.WIRE_STRUCTS}
 
 
 def header_defines() -> list[str]:
-    return re.findall(r"^#define\s+(NETBLK_\w+)\s", HEADER.read_text(), re.MULTILINE)
+    """Integer constants: #defines and enumerators (not the __*_MAX sentinels)."""
+    text = HEADER.read_text()
+    names = re.findall(r"^#define\s+(NETBLK_\w+)\s+[^\s\"]", text, re.MULTILINE)
+    for body in re.findall(r"^enum netblk_\w+ \{(.*?)^\};", text, re.S | re.M):
+        names += re.findall(r"^\s*(NETBLK_\w+)", body, re.M)
+    return names
+
+
+def header_strings() -> dict[str, str]:
+    """String #defines, with their literal values."""
+    return dict(re.findall(r'^#define\s+(NETBLK_\w+)\s+"([^"]*)"', HEADER.read_text(), re.M))
 
 
 def header_structs() -> dict[str, list[str]]:
@@ -51,7 +63,7 @@ def python_value(c_name: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
+def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Compile a program that prints every constant and struct layout fact."""
     cc = shutil.which("cc") or shutil.which("gcc")
     assert cc, "a C compiler is needed to check the UAPI header"
@@ -59,6 +71,8 @@ def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     lines.append("int main(void) {")
     for name in header_defines():
         lines.append(f'printf("{name} %lld\\n", (long long)({name}));')
+    for name in header_strings():
+        lines.append(f'printf("{name} %s\\n", {name});')
     for struct, fields in header_structs().items():
         lines.append(f'printf("sizeof:{struct} %zu\\n", sizeof(struct {struct}));')
         for field in fields:
@@ -75,7 +89,7 @@ def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     include = HEADER.parents[1]
     subprocess.run([cc, "-Wall", "-Werror", "-I", str(include), "-o", binary, source], check=True)
     out = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
-    return {key: int(value) for key, value in (line.split() for line in out.splitlines())}
+    return dict(line.split() for line in out.splitlines())
 
 
 def test_header_has_constants_and_structs() -> None:
@@ -84,22 +98,27 @@ def test_header_has_constants_and_structs() -> None:
 
 
 @pytest.mark.parametrize("c_name", header_defines())
-def test_every_c_constant_is_mirrored(c_facts: dict[str, int], c_name: str) -> None:
-    assert python_value(c_name) == c_facts[c_name]
+def test_every_c_constant_is_mirrored(c_facts: dict[str, str], c_name: str) -> None:
+    assert str(python_value(c_name)) == c_facts[c_name]
 
 
-def test_every_python_enum_member_is_in_the_header(c_facts: dict[str, int]) -> None:
+@pytest.mark.parametrize("c_name", sorted(header_strings()))
+def test_every_c_string_is_mirrored(c_facts: dict[str, str], c_name: str) -> None:
+    assert getattr(constants, c_name.removeprefix("NETBLK_")) == c_facts[c_name]
+
+
+def test_every_python_enum_member_is_in_the_header(c_facts: dict[str, str]) -> None:
     for prefix, enum in ENUM_PREFIXES.items():
         for member in enum.__members__:
             assert f"{prefix}{member}" in c_facts, f"{enum.__name__}.{member} is not in the header"
 
 
 @pytest.mark.parametrize("c_name", sorted(STRUCTS))
-def test_struct_layout_matches(c_facts: dict[str, int], c_name: str) -> None:
+def test_struct_layout_matches(c_facts: dict[str, str], c_name: str) -> None:
     wire = STRUCTS[c_name]
     assert list(wire.fields) == header_structs()[c_name]
-    assert wire.size == c_facts[f"sizeof:{c_name}"]
+    assert str(wire.size) == c_facts[f"sizeof:{c_name}"]
     codes = wire.layout.format.lstrip(">")
     for (field, offset), code in zip(wire.offsets().items(), codes, strict=True):
-        assert offset == c_facts[f"offsetof:{c_name}.{field}"], field
-        assert constants.struct.calcsize(code) == c_facts[f"width:{c_name}.{field}"], field
+        assert str(offset) == c_facts[f"offsetof:{c_name}.{field}"], field
+        assert str(constants.struct.calcsize(code)) == c_facts[f"width:{c_name}.{field}"], field

@@ -133,3 +133,44 @@ REPLY = WireStruct(
 )
 
 WIRE_STRUCTS = (HELLO, HELLO_REPLY, REQUEST, REPLY)
+
+# Generic netlink handshake upcall between netblk.ko and tls-bridge.
+GENL_NAME = "netblk"
+GENL_VERSION = 1
+GENL_MCGRP_HANDSHAKE = "handshake"
+GENL_REASON_MAX = 128
+
+
+class GenlCmd(IntEnum):
+    """Generic netlink commands (``NETBLK_GENL_CMD_*``)."""
+
+    UNSPEC = 0
+    READY = 1
+    ACCEPT = 2
+    DONE = 3
+
+
+GENL_CMD_MAX = max(GenlCmd)
+
+
+class GenlAttr(IntEnum):
+    """Generic netlink attributes (``NETBLK_GENL_A_*``)."""
+
+    UNSPEC = 0
+    PAD = 1
+    DEVICE = 2
+    SOCKFD = 3
+    COOKIE = 4
+    PEER_ADDR = 5
+    PEER_PORT = 6
+    EXPORT = 7
+    TIMEOUT_MS = 8
+    STATUS = 9
+    REASON = 10
+    EXPORT_SIZE = 11
+    EXPORT_FLAGS = 12
+    MAX_PAYLOAD = 13
+    MAX_INFLIGHT = 14
+
+
+GENL_A_MAX = max(GenlAttr)

@@ -141,4 +141,47 @@ struct netblk_reply {
 	__be64 handle;
 };
 
+/*
+ * Generic netlink family for the TLS handshake upcall (docs/architecture.md,
+ * "Connection lifecycle").  Admin-only.  The driver multicasts READY on the
+ * "handshake" group when a connected socket awaits its handshake; tls-bridge
+ * sends ACCEPT, and the driver installs the socket as an fd in the caller
+ * and answers with the device, peer, export, deadline and cookie; after TLS
+ * and login the helper sends DONE with the cookie, the fd, the status and,
+ * on success, what the server's HELLO reply said.
+ */
+#define NETBLK_GENL_NAME		"netblk"
+#define NETBLK_GENL_VERSION		1
+#define NETBLK_GENL_MCGRP_HANDSHAKE	"handshake"
+#define NETBLK_GENL_REASON_MAX		128
+
+enum netblk_genl_cmd {
+	NETBLK_GENL_CMD_UNSPEC,
+	NETBLK_GENL_CMD_READY,
+	NETBLK_GENL_CMD_ACCEPT,
+	NETBLK_GENL_CMD_DONE,
+	__NETBLK_GENL_CMD_MAX,
+};
+#define NETBLK_GENL_CMD_MAX (__NETBLK_GENL_CMD_MAX - 1)
+
+enum netblk_genl_attr {
+	NETBLK_GENL_A_UNSPEC,
+	NETBLK_GENL_A_PAD,
+	NETBLK_GENL_A_DEVICE,		/* u32: N of /dev/netblkN */
+	NETBLK_GENL_A_SOCKFD,		/* s32: the socket's fd in the helper */
+	NETBLK_GENL_A_COOKIE,		/* u64: names one handshake attempt */
+	NETBLK_GENL_A_PEER_ADDR,	/* string: server IP literal (v4 or v6) */
+	NETBLK_GENL_A_PEER_PORT,	/* u16 */
+	NETBLK_GENL_A_EXPORT,		/* string: export name */
+	NETBLK_GENL_A_TIMEOUT_MS,	/* u32: handshake deadline from ACCEPT */
+	NETBLK_GENL_A_STATUS,		/* u32: 0 or a positive errno */
+	NETBLK_GENL_A_REASON,		/* string: failure, shown in sysfs */
+	NETBLK_GENL_A_EXPORT_SIZE,	/* u64: bytes */
+	NETBLK_GENL_A_EXPORT_FLAGS,	/* u32: NETBLK_EXPORT_* */
+	NETBLK_GENL_A_MAX_PAYLOAD,	/* u32: bytes */
+	NETBLK_GENL_A_MAX_INFLIGHT,	/* u32: requests */
+	__NETBLK_GENL_A_MAX,
+};
+#define NETBLK_GENL_A_MAX (__NETBLK_GENL_A_MAX - 1)
+
 #endif /* _UAPI_LINUX_NETBLK_H */
