@@ -99,6 +99,9 @@ class NetblkClient:
         try:
             writer.write(conn.send_hello(export, token))
             reply = await _next_hello_reply(reader, conn)
+        except ConnectionError as exc:
+            writer.close()
+            raise ConnectionLost(f"server closed the connection during login: {exc}") from exc
         except BaseException:
             writer.close()
             raise

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from storaged import tls_alerts
 from storaged.cache import SectorCache
 from storaged.config import Config, ConfigError, ExportConfig
 from storaged.login import Gatekeeper
@@ -106,6 +107,11 @@ class StorageServer:
             )
 
     async def start(self) -> None:
+        if not tls_alerts.install():
+            log.warning(
+                "cannot patch asyncio: refused TLS clients get no alert",
+                extra={"event": "tls_alerts_unpatched"},
+            )
         tls = server_context(self.config.tls.cert, self.config.tls.key, self.config.tls.ca)
         limits = SessionLimits(
             max_inflight=self.config.max_inflight,

@@ -266,6 +266,8 @@ class Session:
             error=invalid.error.name,
             reason=invalid.reason,
         )
+        assert self._export is not None
+        self._stats.record_refusal(self._export.name, self.client or "?")
         self._writer.write(self._conn.send_reply(invalid.handle, invalid.error))
 
     async def _wait_for_room(self) -> None:

@@ -81,6 +81,11 @@ class IoCounters:
                 self.cache_misses += 1
         self.latency.record(seconds)
 
+    def record_refusal(self) -> None:
+        """A request refused before reaching storage (EINVAL, EPERM, ...)."""
+        self.requests["refused"] += 1
+        self.errors += 1
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": dict(sorted(self.requests.items())),
@@ -117,11 +122,18 @@ class ServerStats:
         cache_hit: bool | None,
         seconds: float,
     ) -> None:
-        for table, key in ((self.exports, export), (self.clients, client)):
-            counters = table.get(key)
-            if counters is None:
-                counters = table[key] = IoCounters()
+        for counters in self._counters(export, client):
             counters.record(op, length, error, cache_hit, seconds)
+
+    def record_refusal(self, export: str, client: str) -> None:
+        for counters in self._counters(export, client):
+            counters.record_refusal()
+
+    def _counters(self, export: str, client: str) -> tuple[IoCounters, IoCounters]:
+        for table, key in ((self.exports, export), (self.clients, client)):
+            if key not in table:
+                table[key] = IoCounters()
+        return self.exports[export], self.clients[client]
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -47,8 +47,10 @@ def describe_tls_error(exc: BaseException) -> str:
     """An operator-readable reason for a failed handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.replace("_", " ").lower()  # PEER_DID_NOT_RETURN_A_CERTIFICATE
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
+        return str(exc)
     if isinstance(exc, TimeoutError):
         return "handshake timed out"
     return str(exc) or type(exc).__name__

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from storaged.cli import main
+from storaged.client import RequestError
 from tests.storaged.stack import ServerProcess, Stack, run
 
 STORAGED = str(Path(sys.executable).with_name("storaged"))
@@ -57,15 +58,17 @@ def test_stats_over_the_control_socket_match_the_io(
             await client.write(0, bytes(8192))
             await client.read(0, 4096)
             await client.flush()
+            with pytest.raises(RequestError):
+                await client.read(client.info.size, 4096)  # refused: beyond the end
 
     process.start()
     run(io())
     assert main(["stats", "--control-socket", str(stack.control_socket)]) == 0
     snap = json.loads(capsys.readouterr().out)
     data = snap["exports"]["data"]
-    assert data["requests"] == {"flush": 1, "read": 1, "write": 1}
-    assert (data["bytes_written"], data["bytes_read"], data["errors"]) == (8192, 4096, 0)
-    assert snap["clients"]["alice"]["requests_total"] == 3
+    assert data["requests"] == {"flush": 1, "read": 1, "refused": 1, "write": 1}
+    assert (data["bytes_written"], data["bytes_read"], data["errors"]) == (8192, 4096, 1)
+    assert snap["clients"]["alice"]["requests_total"] == 4
     assert snap["logins_ok"] == 1
     assert stack.control_socket.stat().st_mode & 0o777 == 0o600
 

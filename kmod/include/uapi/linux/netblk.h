@@ -37,7 +37,7 @@
 #define NETBLK_CMD_DISCONNECT		5
 
 /* Request flags (struct netblk_request.flags). */
-#define NETBLK_CMD_FLAG_FUA		(1 << 0)	/* WRITE, WRITE_ZEROES */
+#define NETBLK_CMD_FLAG_FUA		(1 << 0)	/* WRITE, TRIM, WRITE_ZEROES */
 #define NETBLK_CMD_FLAG_NO_HOLE		(1 << 1)	/* WRITE_ZEROES */
 #define NETBLK_CMD_FLAGS_ALL		0x0003
 
