@@ -2,7 +2,7 @@
 # types, host tests, then the in-VM tests in one QEMU guest boot.
 VENV := .venv
 BIN := $(VENV)/bin
-PY_SRC := storaged/storaged certs/netblk_certs tests
+PY_SRC := storaged/storaged certs/netblk_certs bench tests
 
 .PHONY: test deps lint typecheck pytest vm-test
 

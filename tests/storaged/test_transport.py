@@ -1,0 +1,122 @@
+"""Transport guarantees: no post-handshake TLS messages, IPv6, and bounded
+in-flight work per connection (backpressure)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import pytest
+
+from storaged.client import NetblkClient
+from storaged.config import load_config
+from storaged.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
+from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, LoginStatus
+from storaged.server import StorageServer
+from storaged.tlsconf import client_context
+from storaged.volume import ReadResult, Volume
+from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run
+
+
+def test_server_sends_no_session_tickets(stack: Stack) -> None:
+    """A kTLS client cannot consume post-handshake records: after login and
+    a read, the client has received no ticket and only application data."""
+    with ThreadedServer(stack), raw_tls_socket(stack) as sock:
+        conn = ClientConnection()
+        sock.sendall(conn.send_hello("data", stack.tokens["alice"].encode()))
+        sock.sendall(conn.send_request(Cmd.READ, 1, 0, BLOCK_SIZE))
+        events: list[object] = []
+        while len(events) < 2:
+            conn.receive_data(sock.recv(65536))
+            while (event := conn.next_event()) is not NEED_DATA:
+                events.append(event)
+        assert isinstance(events[0], HelloReply)
+        assert events[0].status is LoginStatus.OK
+        assert isinstance(events[1], Reply)
+        assert sock.version() == "TLSv1.3"
+        assert sock.session is not None
+        assert not sock.session.has_ticket
+
+
+def test_ipv6_listener(stack: Stack) -> None:
+    async def body() -> None:
+        config = replace(load_config(stack.config_path), listen=("::1",))
+        server = StorageServer(config)
+        await server.open_volumes()
+        await server.start()
+        try:
+            assert server.addresses == [("::1", stack.port)]
+            cert, key = stack.client_tls()
+            client = await NetblkClient.connect(
+                "::1",
+                stack.port,
+                ssl_context=client_context(stack.pki.ca_cert, cert, key),
+                export="data",
+                token=stack.tokens["alice"].encode(),
+            )
+            await client.write(0, b"6" * BLOCK_SIZE)
+            assert await client.read(0, BLOCK_SIZE) == b"6" * BLOCK_SIZE
+            await client.close()
+        finally:
+            await server.shutdown()
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("extra", "length", "most_requests", "most_bytes"),
+    [
+        ("max_inflight = 8", BLOCK_SIZE, 8, None),
+        ('max_inflight_bytes = "4MiB"', MAX_PAYLOAD, None, 4 << 20),
+    ],
+)
+def test_in_flight_work_per_connection_is_bounded(
+    stack: Stack,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: str,
+    length: int,
+    most_requests: int | None,
+    most_bytes: int | None,
+) -> None:
+    """With storage stalled, a client pipelining 64 reads gets at most the
+    configured number of requests (or bytes) into the server; the rest wait
+    in TCP, and everything completes once storage resumes."""
+    # Enough workers that the limit under test, not the pool, is what binds.
+    text = stack.config_path.read_text().replace("workers = 4", f"workers = 80\n{extra}", 1)
+    stack.config_path.write_text(text)
+    release = threading.Event()
+    lock = threading.Lock()
+    running = [0, 0]  # requests, bytes inside storage now
+    peak = [0, 0]
+    real_read = Volume.read
+
+    def stalled_read(self: Volume, offset: int, size: int) -> ReadResult:
+        with lock:
+            running[0] += 1
+            running[1] += size
+            peak[0], peak[1] = max(peak[0], running[0]), max(peak[1], running[1])
+        release.wait(timeout=30)
+        with lock:
+            running[0] -= 1
+            running[1] -= size
+        return real_read(self, offset, size)
+
+    monkeypatch.setattr(Volume, "read", stalled_read)
+
+    async def body() -> None:
+        client = await stack.connect()
+        client._slots = asyncio.Semaphore(1000)  # pipeline past the advertised limit
+        reads = [asyncio.ensure_future(client.read(i * length, length)) for i in range(64)]
+        await asyncio.sleep(2)
+        assert not any(r.done() for r in reads)
+        release.set()
+        assert all(len(data) == length for data in await asyncio.gather(*reads))
+        await client.close()
+
+    with ThreadedServer(stack) as ts:
+        ts.call(body())
+    if most_requests is not None:
+        assert peak[0] == most_requests
+    if most_bytes is not None:
+        assert peak[1] == most_bytes
