@@ -21,5 +21,10 @@ typecheck: deps
 pytest: deps
 	$(BIN)/pytest
 
-vm-test: deps
+vm-test: deps kmod
 	scripts/vm-test
+
+# netblk.ko, built on the host: the VM sees the repository read-only.
+.PHONY: kmod
+kmod:
+	$(MAKE) -C kmod

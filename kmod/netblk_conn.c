@@ -1,0 +1,893 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * netblk: the connection state machine and the handshake upcall requests.
+ *
+ *   DISCONNECTED/ERROR --connect--> CONNECTING --TCP up--> HANDSHAKING
+ *   HANDSHAKING --DONE ok--> CONNECTED
+ *   CONNECTED --socket error, bad frame, request timeout--> RECONNECTING
+ *   RECONNECTING --(connect + handshake) ok--> CONNECTED
+ *   RECONNECTING --dead_timeout_ms or reconnect_retries spent--> ERROR
+ *   CONNECTING/HANDSHAKING --any failure--> ERROR
+ *   any --disconnect--> DISCONNECTED
+ *
+ * While RECONNECTING, requests taken back from the dead connection and new
+ * ones wait on the blk-mq requeue list; they are kicked when the device is
+ * CONNECTED again (and sent) or leaves for ERROR/DISCONNECTED (and fail).
+ * Every decision "requeue or fail" and every state change is made under
+ * nd_io_lock, so no request can be requeued after the last kick.
+ *
+ * Handshake requests: a connected socket is put on a global list with a
+ * cookie and READY is multicast.  ACCEPT hands the oldest unaccepted one to
+ * the helper as an fd; DONE names it by cookie and ends it.  The deadline
+ * (handshake_timeout_ms) runs from READY.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/blkdev.h>
+#include <linux/ctype.h>
+#include <linux/inet.h>
+#include <linux/jiffies.h>
+#include <linux/random.h>
+#include <linux/sched/mm.h>
+#include <linux/slab.h>
+
+#include "netblk.h"
+
+static LIST_HEAD(netblk_hs_pending);
+static DEFINE_MUTEX(netblk_hs_lock);	/* protects netblk_hs_pending */
+static atomic64_t netblk_hs_next_cookie;
+
+static const char * const netblk_state_names[NETBLK_NR_STATES] = {
+	[NETBLK_DISCONNECTED]	= "disconnected",
+	[NETBLK_CONNECTING]	= "connecting",
+	[NETBLK_HANDSHAKING]	= "handshaking",
+	[NETBLK_CONNECTED]	= "connected",
+	[NETBLK_RECONNECTING]	= "reconnecting",
+	[NETBLK_ERROR]		= "error",
+};
+
+/**
+ * netblk_conn_state_name() - the sysfs name of a state
+ * @state: the state
+ *
+ * Return: a static string.
+ */
+const char *netblk_conn_state_name(enum netblk_state state)
+{
+	if (state >= NETBLK_NR_STATES)
+		return "unknown";
+	return netblk_state_names[state];
+}
+
+/**
+ * netblk_conn_state() - the current state
+ * @dev: the device
+ *
+ * Return: the state; it may change as soon as this returns.
+ */
+enum netblk_state netblk_conn_state(struct netblk_dev *dev)
+{
+	enum netblk_state state;
+
+	spin_lock(&dev->nd_io_lock);
+	state = dev->nd_state;
+	spin_unlock(&dev->nd_io_lock);
+	return state;
+}
+
+/**
+ * netblk_conn_idle() - may the configuration change?
+ * @dev: the device, with nd_lock held
+ *
+ * Return: true when disconnected or in error.
+ */
+bool netblk_conn_idle(const struct netblk_dev *dev)
+{
+	lockdep_assert_held(&dev->nd_lock);
+	return dev->nd_state == NETBLK_DISCONNECTED ||
+	       dev->nd_state == NETBLK_ERROR;
+}
+
+static void netblk_conn_set_state(struct netblk_dev *dev,
+				  enum netblk_state state)
+{
+	lockdep_assert_held(&dev->nd_lock);
+	spin_lock(&dev->nd_io_lock);
+	dev->nd_state = state;
+	spin_unlock(&dev->nd_io_lock);
+}
+
+/* Keep sysfs "last_error" one printable line. */
+static void netblk_sanitize(char *s)
+{
+	for (; *s; s++)
+		if (!isprint(*s))
+			*s = '?';
+}
+
+static __printf(2, 3)
+void netblk_conn_set_error(struct netblk_dev *dev, const char *fmt, ...)
+{
+	va_list args;
+
+	lockdep_assert_held(&dev->nd_lock);
+	va_start(args, fmt);
+	vsnprintf(dev->nd_error, sizeof(dev->nd_error), fmt, args);
+	va_end(args);
+	netblk_sanitize(dev->nd_error);
+}
+
+/**
+ * netblk_conn_get_live() - the connection to send I/O on
+ * @dev: the device
+ *
+ * Return: the live connection with a reference, or NULL when not
+ * CONNECTED.
+ */
+struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev)
+{
+	struct netblk_sock *nsock;
+
+	spin_lock(&dev->nd_io_lock);
+	nsock = dev->nd_live;
+	if (nsock)
+		netblk_sock_get(nsock);
+	spin_unlock(&dev->nd_io_lock);
+	return nsock;
+}
+
+/**
+ * netblk_conn_requeue() - requeue a request that cannot be sent now, if
+ *	it may wait
+ * @dev: the device
+ * @rq: a started request that is not INFLIGHT; its command is locked
+ *
+ * A request may wait while the device is reconnecting (or connected but
+ * its connection just died, which becomes reconnecting).  With a healthy
+ * live connection it is requeued and sent again at once.
+ *
+ * Return: true if requeued; false if the caller must fail it.
+ */
+bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq)
+{
+	struct netblk_sock *live;
+	bool requeued = true;
+
+	spin_lock(&dev->nd_io_lock);
+	live = dev->nd_live;
+	if (live && !netblk_sock_dead(live))
+		blk_mq_requeue_request(rq, true);
+	else if (dev->nd_state == NETBLK_CONNECTED ||
+		 dev->nd_state == NETBLK_RECONNECTING)
+		blk_mq_requeue_request(rq, false);
+	else
+		requeued = false;
+	spin_unlock(&dev->nd_io_lock);
+	return requeued;
+}
+
+/**
+ * netblk_conn_sock_failed() - a connection failed; handle it in process
+ *	context
+ * @dev: the device
+ */
+void netblk_conn_sock_failed(struct netblk_dev *dev)
+{
+	queue_work(dev->nd_ctl_wq, &dev->nd_err_work);
+}
+
+/* --- handshake requests ------------------------------------------------ */
+
+/**
+ * netblk_hs_init() - seed the cookie counter
+ *
+ * Cookies start at a random value so that they are not reused across
+ * module loads.
+ */
+void netblk_hs_init(void)
+{
+	atomic64_set(&netblk_hs_next_cookie, get_random_u64());
+}
+
+static void netblk_hs_release(struct kref *ref)
+{
+	struct netblk_hs_req *req = container_of(ref, struct netblk_hs_req,
+						 hr_ref);
+
+	netblk_sock_put(req->hr_nsock);
+	kfree(req);
+}
+
+/**
+ * netblk_hs_put() - drop a reference to a handshake request
+ * @req: the request
+ */
+void netblk_hs_put(struct netblk_hs_req *req)
+{
+	kref_put(&req->hr_ref, netblk_hs_release);
+}
+
+static struct netblk_hs_req *netblk_hs_find(u64 cookie)
+{
+	struct netblk_hs_req *req;
+
+	lockdep_assert_held(&netblk_hs_lock);
+	list_for_each_entry(req, &netblk_hs_pending, hr_list)
+		if (req->hr_cookie == cookie)
+			return req;
+	return NULL;
+}
+
+/**
+ * netblk_hs_accept() - take the oldest handshake no helper has accepted
+ *
+ * Return: the request, marked accepted, with a reference for the caller;
+ * NULL if none is pending.
+ */
+struct netblk_hs_req *netblk_hs_accept(void)
+{
+	struct netblk_hs_req *req, *found = NULL;
+
+	mutex_lock(&netblk_hs_lock);
+	list_for_each_entry(req, &netblk_hs_pending, hr_list) {
+		if (!req->hr_accepted) {
+			req->hr_accepted = true;
+			kref_get(&req->hr_ref);
+			found = req;
+			break;
+		}
+	}
+	mutex_unlock(&netblk_hs_lock);
+	return found;
+}
+
+/**
+ * netblk_hs_unaccept() - give a request back after a failed ACCEPT reply
+ * @req: a request from netblk_hs_accept()
+ */
+void netblk_hs_unaccept(struct netblk_hs_req *req)
+{
+	mutex_lock(&netblk_hs_lock);
+	req->hr_accepted = false;
+	mutex_unlock(&netblk_hs_lock);
+}
+
+/**
+ * netblk_hs_remaining_ms() - time left until the handshake deadline
+ * @req: the request
+ *
+ * Return: milliseconds, at least 1.
+ */
+u32 netblk_hs_remaining_ms(const struct netblk_hs_req *req)
+{
+	long left = (long)(req->hr_deadline - jiffies);
+
+	return left > 0 ? max(jiffies_to_msecs(left), 1U) : 1;
+}
+
+/* End the device's pending handshake, if any: it is no longer wanted. */
+static void netblk_hs_cancel(struct netblk_dev *dev)
+{
+	struct netblk_hs_req *req;
+
+	lockdep_assert_held(&dev->nd_lock);
+	if (!dev->nd_hs_cookie)
+		return;
+
+	mutex_lock(&netblk_hs_lock);
+	req = netblk_hs_find(dev->nd_hs_cookie);
+	if (req)
+		list_del_init(&req->hr_list);
+	mutex_unlock(&netblk_hs_lock);
+
+	dev->nd_hs_cookie = 0;
+	cancel_delayed_work(&dev->nd_hs_timeout_work);
+	if (req)
+		netblk_hs_put(req);
+}
+
+/* --- connection lifecycle ----------------------------------------------- */
+
+/*
+ * Drop the current connection and set @state.  Requests in flight on it
+ * are requeued (RECONNECTING) or failed (any other state), and requests
+ * already waiting are kicked so that they fail, unless still RECONNECTING.
+ */
+static void netblk_conn_reset(struct netblk_dev *dev, enum netblk_state state)
+{
+	struct netblk_sock *nsock = dev->nd_nsock;
+
+	lockdep_assert_held(&dev->nd_lock);
+
+	netblk_hs_cancel(dev);
+	dev->nd_nsock = NULL;
+	spin_lock(&dev->nd_io_lock);
+	dev->nd_live = NULL;
+	dev->nd_state = state;
+	spin_unlock(&dev->nd_io_lock);
+
+	if (nsock) {
+		netblk_sock_kill(nsock);
+		flush_work(&nsock->ns_recv_work);
+	}
+	netblk_blk_reset_inflight(dev);
+
+	if (state != NETBLK_RECONNECTING) {
+		cancel_delayed_work(&dev->nd_connect_work);
+		cancel_delayed_work(&dev->nd_dead_work);
+		blk_mq_kick_requeue_list(dev->nd_disk->queue);
+	}
+	if (nsock)
+		netblk_sock_put(nsock);
+}
+
+/*
+ * A connection attempt failed.  The first connect gives up at once;
+ * a reconnect retries with exponential backoff until its retries or the
+ * dead-connection deadline run out.
+ */
+static __printf(2, 3)
+void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
+{
+	struct netblk_sock *nsock = dev->nd_nsock;
+	struct netblk_conf *cf = &dev->nd_conf;
+	char reason[NETBLK_ERROR_LEN];
+	va_list args;
+
+	lockdep_assert_held(&dev->nd_lock);
+
+	va_start(args, fmt);
+	vsnprintf(reason, sizeof(reason), fmt, args);
+	va_end(args);
+	netblk_conn_set_error(dev, "%s", reason);
+
+	netblk_hs_cancel(dev);
+	dev->nd_nsock = NULL;
+	if (nsock) {
+		netblk_sock_kill(nsock);
+		netblk_sock_put(nsock);
+	}
+
+	if (dev->nd_state != NETBLK_RECONNECTING) {
+		dev_warn(disk_to_dev(dev->nd_disk), "connect failed: %s\n",
+			 dev->nd_error);
+		netblk_conn_reset(dev, NETBLK_ERROR);
+		return;
+	}
+
+	dev->nd_attempts++;
+	if (dev->nd_attempts >= cf->cf_reconnect_retries ||
+	    !time_before(jiffies, dev->nd_dead_deadline)) {
+		netblk_conn_set_error(dev, "gave up reconnecting after %u attempts: %s",
+				      dev->nd_attempts, reason);
+		dev_err(disk_to_dev(dev->nd_disk), "%s\n", dev->nd_error);
+		netblk_conn_reset(dev, NETBLK_ERROR);
+		return;
+	}
+
+	dev_warn_ratelimited(disk_to_dev(dev->nd_disk),
+			     "reconnect attempt %u failed: %s; retrying in %u ms\n",
+			     dev->nd_attempts, dev->nd_error, dev->nd_backoff_ms);
+	queue_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work,
+			   msecs_to_jiffies(dev->nd_backoff_ms));
+	dev->nd_backoff_ms = min_t(unsigned int, dev->nd_backoff_ms * 2,
+				   NETBLK_BACKOFF_MAX_MS);
+}
+
+static void netblk_conn_format_peer(const struct sockaddr_storage *ss,
+				    char *buf, size_t len)
+{
+	if (ss->ss_family == AF_INET6)
+		snprintf(buf, len, "%pI6c",
+			 &((const struct sockaddr_in6 *)ss)->sin6_addr);
+	else
+		snprintf(buf, len, "%pI4",
+			 &((const struct sockaddr_in *)ss)->sin_addr);
+}
+
+/* TCP is up: post the handshake for tls-bridge and start its deadline. */
+static void netblk_conn_hs_start(struct netblk_dev *dev)
+{
+	struct netblk_sock *nsock = dev->nd_nsock;
+	unsigned long timeout = msecs_to_jiffies(netblk_handshake_timeout_ms);
+	struct netblk_hs_req *req;
+	int err;
+
+	lockdep_assert_held(&dev->nd_lock);
+
+	if (!netblk_genl_has_listener()) {
+		netblk_conn_attempt_failed(dev, "no tls-bridge is listening");
+		return;
+	}
+
+	req = kzalloc(sizeof(*req), GFP_KERNEL);
+	if (!req) {
+		netblk_conn_attempt_failed(dev, "out of memory");
+		return;
+	}
+	kref_init(&req->hr_ref);
+	INIT_LIST_HEAD(&req->hr_list);
+	do {
+		req->hr_cookie = atomic64_inc_return(&netblk_hs_next_cookie);
+	} while (!req->hr_cookie);
+	req->hr_dev = dev;
+	netblk_sock_get(nsock);
+	req->hr_nsock = nsock;
+	req->hr_deadline = jiffies + timeout;
+	netblk_conn_format_peer(&dev->nd_conf.cf_addr, req->hr_peer,
+				sizeof(req->hr_peer));
+	req->hr_port = dev->nd_conf.cf_port;
+	strscpy(req->hr_export, dev->nd_conf.cf_export,
+		sizeof(req->hr_export));
+
+	if (dev->nd_state == NETBLK_CONNECTING)
+		netblk_conn_set_state(dev, NETBLK_HANDSHAKING);
+	dev->nd_hs_cookie = req->hr_cookie;
+	dev->nd_hs_deadline = req->hr_deadline;
+
+	mutex_lock(&netblk_hs_lock);
+	list_add_tail(&req->hr_list, &netblk_hs_pending);
+	mutex_unlock(&netblk_hs_lock);
+	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_hs_timeout_work, timeout);
+
+	err = netblk_genl_ready(dev->nd_index);
+	if (err == -ESRCH)
+		netblk_conn_attempt_failed(dev, "no tls-bridge is listening");
+	else if (err)
+		netblk_conn_attempt_failed(dev, "cannot post the handshake (error %d)",
+					   err);
+}
+
+static const char *netblk_connect_errstr(int err)
+{
+	switch (err) {
+	case -ECONNREFUSED:
+		return "connection refused";
+	case -ETIMEDOUT:
+		return "timed out";
+	case -ENETUNREACH:
+		return "network is unreachable";
+	case -EHOSTUNREACH:
+		return "host is unreachable";
+	case -ECONNRESET:
+		return "connection reset";
+	case -EADDRNOTAVAIL:
+		return "address not available";
+	case -EAFNOSUPPORT:
+		return "address family not supported";
+	default:
+		return NULL;
+	}
+}
+
+static void netblk_conn_connect_work(struct work_struct *work)
+{
+	struct netblk_dev *dev = container_of(to_delayed_work(work),
+					      struct netblk_dev,
+					      nd_connect_work);
+	struct sockaddr_storage addr;
+	struct netblk_sock *nsock;
+	unsigned int noio;
+	const char *what;
+	int err;
+
+	/* Reconnecting may be what writeback waits for: no I/O reclaim. */
+	noio = memalloc_noio_save();
+	mutex_lock(&dev->nd_lock);
+	if ((dev->nd_state != NETBLK_CONNECTING &&
+	     dev->nd_state != NETBLK_RECONNECTING) || dev->nd_nsock)
+		goto out_unlock;
+
+	addr = dev->nd_conf.cf_addr;
+	if (addr.ss_family == AF_INET6)
+		((struct sockaddr_in6 *)&addr)->sin6_port =
+			htons(dev->nd_conf.cf_port);
+	else
+		((struct sockaddr_in *)&addr)->sin_port =
+			htons(dev->nd_conf.cf_port);
+
+	nsock = netblk_sock_create(dev, addr.ss_family);
+	if (IS_ERR(nsock)) {
+		netblk_conn_attempt_failed(dev, "socket: error %ld",
+					   PTR_ERR(nsock));
+		goto out_unlock;
+	}
+	/* Published so that a disconnect can abort the connect. */
+	dev->nd_nsock = nsock;
+	netblk_sock_get(nsock);
+	mutex_unlock(&dev->nd_lock);
+
+	err = netblk_sock_connect(nsock, &addr, netblk_connect_timeout_ms);
+
+	mutex_lock(&dev->nd_lock);
+	if (dev->nd_nsock != nsock) {
+		/* Disconnected, or given up, meanwhile. */
+		netblk_sock_put(nsock);
+		goto out_unlock;
+	}
+	netblk_sock_put(nsock);
+
+	if (err) {
+		what = netblk_connect_errstr(err);
+		if (what)
+			netblk_conn_attempt_failed(dev, "connect: %s", what);
+		else
+			netblk_conn_attempt_failed(dev, "connect: error %d",
+						   err);
+		goto out_unlock;
+	}
+	netblk_conn_hs_start(dev);
+
+out_unlock:
+	mutex_unlock(&dev->nd_lock);
+	memalloc_noio_restore(noio);
+}
+
+static void netblk_conn_hs_timeout_work(struct work_struct *work)
+{
+	struct netblk_dev *dev = container_of(to_delayed_work(work),
+					      struct netblk_dev,
+					      nd_hs_timeout_work);
+	struct netblk_hs_req *req;
+	bool accepted = false;
+
+	mutex_lock(&dev->nd_lock);
+	if (!dev->nd_hs_cookie)
+		goto out_unlock;
+	if (time_before(jiffies, dev->nd_hs_deadline)) {
+		mod_delayed_work(dev->nd_ctl_wq, &dev->nd_hs_timeout_work,
+				 dev->nd_hs_deadline - jiffies);
+		goto out_unlock;
+	}
+
+	mutex_lock(&netblk_hs_lock);
+	req = netblk_hs_find(dev->nd_hs_cookie);
+	if (req)
+		accepted = req->hr_accepted;
+	mutex_unlock(&netblk_hs_lock);
+
+	netblk_conn_attempt_failed(dev, accepted ?
+				   "handshake timed out" :
+				   "handshake timed out (no tls-bridge accepted it)");
+out_unlock:
+	mutex_unlock(&dev->nd_lock);
+}
+
+static void netblk_conn_err_work(struct work_struct *work)
+{
+	struct netblk_dev *dev = container_of(work, struct netblk_dev,
+					      nd_err_work);
+	struct netblk_conf *cf = &dev->nd_conf;
+	char reason[NETBLK_REASON_LEN];
+	struct netblk_sock *nsock;
+
+	mutex_lock(&dev->nd_lock);
+	nsock = dev->nd_nsock;
+	if (dev->nd_state != NETBLK_CONNECTED || !nsock ||
+	    !netblk_sock_dead(nsock))
+		goto out_unlock;
+
+	netblk_sock_reason(nsock, reason, sizeof(reason));
+	netblk_conn_set_error(dev, "connection lost: %s", reason);
+
+	if (dev->nd_disconnecting) {
+		netblk_conn_reset(dev, NETBLK_DISCONNECTED);
+		goto out_unlock;
+	}
+	if (!cf->cf_reconnect_retries || !cf->cf_dead_timeout_ms) {
+		dev_err(disk_to_dev(dev->nd_disk),
+			"connection lost: %s; reconnecting is disabled\n",
+			reason);
+		netblk_conn_reset(dev, NETBLK_ERROR);
+		goto out_unlock;
+	}
+
+	dev_warn(disk_to_dev(dev->nd_disk),
+		 "connection lost: %s; reconnecting\n", reason);
+	atomic64_inc(&dev->nd_stats.st_reconnects);
+	netblk_conn_reset(dev, NETBLK_RECONNECTING);
+	dev->nd_attempts = 0;
+	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+	dev->nd_dead_deadline = jiffies +
+				msecs_to_jiffies(cf->cf_dead_timeout_ms);
+	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_dead_work,
+			 msecs_to_jiffies(cf->cf_dead_timeout_ms));
+	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, 0);
+out_unlock:
+	mutex_unlock(&dev->nd_lock);
+}
+
+static void netblk_conn_dead_work(struct work_struct *work)
+{
+	struct netblk_dev *dev = container_of(to_delayed_work(work),
+					      struct netblk_dev, nd_dead_work);
+	char last[NETBLK_ERROR_LEN];
+
+	mutex_lock(&dev->nd_lock);
+	if (dev->nd_state != NETBLK_RECONNECTING)
+		goto out_unlock;
+	if (time_before(jiffies, dev->nd_dead_deadline)) {
+		mod_delayed_work(dev->nd_ctl_wq, &dev->nd_dead_work,
+				 dev->nd_dead_deadline - jiffies);
+		goto out_unlock;
+	}
+
+	strscpy(last, dev->nd_error, sizeof(last));
+	netblk_conn_set_error(dev, "no reconnect within %u ms (%s)",
+			      dev->nd_conf.cf_dead_timeout_ms, last);
+	dev_err(disk_to_dev(dev->nd_disk), "%s; failing I/O\n",
+		dev->nd_error);
+	netblk_conn_reset(dev, NETBLK_ERROR);
+out_unlock:
+	mutex_unlock(&dev->nd_lock);
+}
+
+/* DONE said the handshake and login succeeded: start I/O. */
+static int netblk_conn_established(struct netblk_dev *dev,
+				   const struct netblk_params *p)
+{
+	struct netblk_sock *nsock = dev->nd_nsock;
+	bool reconnect = dev->nd_state == NETBLK_RECONNECTING;
+	char peer[INET6_ADDRSTRLEN];
+	int err;
+
+	lockdep_assert_held(&dev->nd_lock);
+
+	if (p->np_export_size % NETBLK_BLOCK_SIZE) {
+		netblk_conn_attempt_failed(dev, "export size %llu is not a multiple of %u",
+					   p->np_export_size,
+					   NETBLK_BLOCK_SIZE);
+		return -EINVAL;
+	}
+	if (p->np_max_payload < NETBLK_BLOCK_SIZE ||
+	    p->np_max_payload > NETBLK_MAX_PAYLOAD) {
+		netblk_conn_attempt_failed(dev, "max payload %u is out of range",
+					   p->np_max_payload);
+		return -EINVAL;
+	}
+	if (!p->np_max_inflight) {
+		netblk_conn_attempt_failed(dev, "server takes no requests (max inflight 0)");
+		return -EINVAL;
+	}
+	err = netblk_sock_check_ktls(nsock);
+	if (err) {
+		netblk_conn_attempt_failed(dev, err == -ENOTCONN ?
+					   "socket is not connected after the handshake" :
+					   "kTLS is not active on the socket after the handshake");
+		return err;
+	}
+
+	nsock->ns_params = *p;
+	nsock->ns_params.np_max_payload = round_down(p->np_max_payload,
+						     NETBLK_BLOCK_SIZE);
+	netblk_blk_apply(dev, &nsock->ns_params);
+	netblk_sock_start_recv(nsock);
+
+	spin_lock(&dev->nd_io_lock);
+	dev->nd_live = nsock;
+	dev->nd_state = NETBLK_CONNECTED;
+	spin_unlock(&dev->nd_io_lock);
+	cancel_delayed_work(&dev->nd_dead_work);
+	dev->nd_attempts = 0;
+	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+	blk_mq_kick_requeue_list(dev->nd_disk->queue);
+
+	netblk_conn_format_peer(&dev->nd_conf.cf_addr, peer, sizeof(peer));
+	dev_info(disk_to_dev(dev->nd_disk),
+		 "%s %s port %u export %s: %llu bytes, flags 0x%x, max payload %u\n",
+		 reconnect ? "reconnected to" : "connected to", peer,
+		 dev->nd_conf.cf_port, dev->nd_conf.cf_export,
+		 p->np_export_size, p->np_export_flags,
+		 nsock->ns_params.np_max_payload);
+	return 0;
+}
+
+/**
+ * netblk_hs_done() - the helper finished a handshake (DONE)
+ * @cookie: the attempt, from ACCEPT
+ * @file: the file behind the helper's SOCKFD, or NULL if it sent none
+ * @status: 0 on success, else a positive errno
+ * @reason: on failure, the helper's words (may be NULL)
+ * @p: on success, the export's parameters
+ *
+ * On failure the attempt fails with @reason as last_error; on success the
+ * device is connected, unless @p is unusable or the socket lacks kTLS.
+ *
+ * Context: process context (the DONE handler); takes nd_lock.
+ * Return: 0 when the result was taken; -ENOENT for an unknown cookie (or
+ * one whose attempt ended meanwhile); -EINVAL if the request was never
+ * accepted, or on success with unusable parameters; -EBADF if @file is not
+ * the request's socket; -ENOTCONN or -EPROTO if the socket is not
+ * connected or has no kTLS.
+ */
+int netblk_hs_done(u64 cookie, struct file *file, u32 status,
+		   const char *reason, const struct netblk_params *p)
+{
+	struct netblk_hs_req *req;
+	struct netblk_dev *dev;
+	int err = 0;
+
+	mutex_lock(&netblk_hs_lock);
+	req = netblk_hs_find(cookie);
+	if (!req)
+		err = -ENOENT;
+	else if (!req->hr_accepted)
+		err = -EINVAL;
+	else if (file && file != req->hr_nsock->ns_file)
+		err = -EBADF;
+	else
+		list_del_init(&req->hr_list);
+	mutex_unlock(&netblk_hs_lock);
+	if (err)
+		return err;
+
+	/* The list's reference is ours now. */
+	dev = req->hr_dev;
+	mutex_lock(&dev->nd_lock);
+	if (dev->nd_hs_cookie != cookie || dev->nd_nsock != req->hr_nsock) {
+		err = -ENOENT;
+		goto out_unlock;
+	}
+	dev->nd_hs_cookie = 0;
+	cancel_delayed_work(&dev->nd_hs_timeout_work);
+
+	if (status) {
+		if (reason && reason[0])
+			netblk_conn_attempt_failed(dev, "%s", reason);
+		else
+			netblk_conn_attempt_failed(dev, "handshake failed (error %u)",
+						   status);
+		goto out_unlock;
+	}
+	err = netblk_conn_established(dev, p);
+
+out_unlock:
+	mutex_unlock(&dev->nd_lock);
+	netblk_hs_put(req);
+	return err;
+}
+
+/**
+ * netblk_conn_connect() - start connecting (sysfs "connect")
+ * @dev: the device
+ *
+ * Asynchronous: "state" and "last_error" tell how it goes.
+ *
+ * Return: 0 when started; -EBUSY unless disconnected or in error;
+ * -EDESTADDRREQ if server_ip or export is not set; -ENODEV while the
+ * module unloads.
+ */
+int netblk_conn_connect(struct netblk_dev *dev)
+{
+	int err = 0;
+
+	mutex_lock(&dev->nd_ctl_lock);
+	mutex_lock(&dev->nd_lock);
+	if (dev->nd_dying) {
+		err = -ENODEV;
+	} else if (!netblk_conn_idle(dev)) {
+		err = -EBUSY;
+	} else if (dev->nd_conf.cf_addr.ss_family == AF_UNSPEC ||
+		   !dev->nd_conf.cf_export[0]) {
+		err = -EDESTADDRREQ;
+	} else {
+		dev->nd_error[0] = '\0';
+		dev->nd_attempts = 0;
+		dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+		netblk_conn_set_state(dev, NETBLK_CONNECTING);
+		mod_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, 0);
+	}
+	mutex_unlock(&dev->nd_lock);
+	mutex_unlock(&dev->nd_ctl_lock);
+	return err;
+}
+
+/**
+ * netblk_conn_disconnect() - disconnect, in any state (sysfs "disconnect")
+ * @dev: the device
+ *
+ * When connected, new I/O is held back and the requests in flight get up
+ * to their request timeout (at most NETBLK_DRAIN_MAX_MS) to complete; then
+ * DISCONNECT is sent and the socket closed.  Whatever is still pending
+ * fails with BLK_STS_IOERR.  Ends DISCONNECTED with capacity 0.
+ *
+ * Context: process context; may sleep for the drain.
+ * Return: 0.
+ */
+int netblk_conn_disconnect(struct netblk_dev *dev)
+{
+	struct request_queue *q = dev->nd_disk->queue;
+	unsigned long drain;
+	bool graceful;
+
+	mutex_lock(&dev->nd_ctl_lock);
+	mutex_lock(&dev->nd_lock);
+	graceful = dev->nd_state == NETBLK_CONNECTED;
+	if (graceful)
+		dev->nd_disconnecting = true;
+	drain = msecs_to_jiffies(min(dev->nd_conf.cf_request_timeout_ms +
+				     1000U, (u32)NETBLK_DRAIN_MAX_MS));
+	mutex_unlock(&dev->nd_lock);
+
+	if (graceful) {
+		blk_freeze_queue_start(q);
+		blk_mq_freeze_queue_wait_timeout(q, drain);
+	}
+
+	mutex_lock(&dev->nd_lock);
+	if (graceful && dev->nd_state == NETBLK_CONNECTED &&
+	    !netblk_sock_dead(dev->nd_nsock))
+		netblk_sock_disconnect(dev->nd_nsock);
+	if (!netblk_conn_idle(dev))
+		dev_info(disk_to_dev(dev->nd_disk), "disconnected\n");
+	netblk_conn_reset(dev, NETBLK_DISCONNECTED);
+	dev->nd_disconnecting = false;
+	netblk_blk_clear(dev);
+	mutex_unlock(&dev->nd_lock);
+
+	if (graceful)
+		blk_mq_unfreeze_queue(q);
+	mutex_unlock(&dev->nd_ctl_lock);
+	return 0;
+}
+
+/**
+ * netblk_conn_init() - initialise the connection side of a device
+ * @dev: a zeroed device with nd_index set
+ */
+void netblk_conn_init(struct netblk_dev *dev)
+{
+	struct netblk_conf *cf = &dev->nd_conf;
+
+	mutex_init(&dev->nd_ctl_lock);
+	mutex_init(&dev->nd_lock);
+	spin_lock_init(&dev->nd_io_lock);
+	dev->nd_state = NETBLK_DISCONNECTED;
+	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+
+	cf->cf_addr.ss_family = AF_UNSPEC;
+	cf->cf_port = NETBLK_DEFAULT_PORT;
+	cf->cf_request_timeout_ms = NETBLK_DEF_REQUEST_TIMEOUT_MS;
+	cf->cf_dead_timeout_ms = NETBLK_DEF_DEAD_TIMEOUT_MS;
+	cf->cf_reconnect_retries = NETBLK_DEF_RECONNECT_RETRIES;
+
+	INIT_DELAYED_WORK(&dev->nd_connect_work, netblk_conn_connect_work);
+	INIT_WORK(&dev->nd_err_work, netblk_conn_err_work);
+	INIT_DELAYED_WORK(&dev->nd_hs_timeout_work,
+			  netblk_conn_hs_timeout_work);
+	INIT_DELAYED_WORK(&dev->nd_dead_work, netblk_conn_dead_work);
+}
+
+/**
+ * netblk_conn_exit() - undo netblk_conn_init()
+ * @dev: a stopped device
+ */
+void netblk_conn_exit(struct netblk_dev *dev)
+{
+	mutex_destroy(&dev->nd_lock);
+	mutex_destroy(&dev->nd_ctl_lock);
+}
+
+/**
+ * netblk_conn_stop() - disconnect for good: the module is unloading
+ * @dev: the device
+ *
+ * Refuses further connects, disconnects, and waits for every work item.
+ *
+ * Context: process context; may sleep.
+ */
+void netblk_conn_stop(struct netblk_dev *dev)
+{
+	mutex_lock(&dev->nd_ctl_lock);
+	mutex_lock(&dev->nd_lock);
+	dev->nd_dying = true;
+	mutex_unlock(&dev->nd_lock);
+	mutex_unlock(&dev->nd_ctl_lock);
+
+	netblk_conn_disconnect(dev);
+
+	cancel_delayed_work_sync(&dev->nd_connect_work);
+	cancel_work_sync(&dev->nd_err_work);
+	cancel_delayed_work_sync(&dev->nd_hs_timeout_work);
+	cancel_delayed_work_sync(&dev->nd_dead_work);
+}
