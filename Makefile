@@ -2,7 +2,7 @@
 # types, host tests, then the in-VM tests in one QEMU guest boot.
 VENV := .venv
 BIN := $(VENV)/bin
-PY_SRC := storaged/storaged certs/netblk_certs bench tests
+PY_SRC := storaged/storaged certs/netblk_certs tls-bridge/tls_bridge bench tests
 
 .PHONY: test deps lint typecheck pytest vm-test
 

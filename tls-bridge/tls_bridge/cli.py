@@ -1,0 +1,76 @@
+"""``tls-bridge``: serve the netblk handshake upcall until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from storaged.logs import setup_logging
+from tls_bridge.config import DEFAULT_CONFIG, BridgeConfig, ConfigError, load_config
+from tls_bridge.daemon import Bridge
+from tls_bridge.netlink import GenlUpcall, UpcallUnavailable
+
+log = logging.getLogger("tls_bridge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tls-bridge",
+        description="netblk handshake helper: TLS 1.3 + login for netblk.ko, then kTLS.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"TOML config (default {DEFAULT_CONFIG})",
+    )
+    parser.add_argument("--log-format", choices=("json", "text"), help="overrides [log] format")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config and its files, then exit"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"tls-bridge: {exc}", file=sys.stderr)
+        return 1
+    if args.check_config:
+        print(f"{args.config}: ok ({len(config.servers)} servers)")
+        return 0
+    setup_logging(args.log_format or config.log_format, config.log_level)
+    # pyroute2 logs every netlink message at DEBUG; ours say what matters.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    try:
+        return asyncio.run(serve(config))
+    except UpcallUnavailable as exc:
+        print(f"tls-bridge: {exc}", file=sys.stderr)
+    except OSError as exc:
+        log.error("netlink failed: %s", exc, extra={"event": "fatal"})
+    return 1
+
+
+async def serve(config: BridgeConfig) -> int:
+    upcall = await GenlUpcall.open()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "serving the netblk handshake upcall",
+        extra={"event": "started", "servers": len(config.servers)},
+    )
+    try:
+        await Bridge(config, upcall).run(stop)
+    finally:
+        upcall.close()
+    log.info("stopped", extra={"event": "stopped"})
+    return 0

@@ -1,0 +1,132 @@
+"""kTLS key material: the tail of the TLS 1.3 key schedule and ``crypto_info``.
+
+Pure functions, no sockets.  OpenSSL reports the application traffic
+secrets through its key log; RFC 8446 section 7.3 turns a secret into a
+record key and IV; the kernel takes them as ``struct tls12_crypto_info_*``
+from include/uapi/linux/tls.h (despite the name, also for TLS 1.3).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+# Socket options (include/uapi/linux/tls.h, include/uapi/linux/tcp.h).
+SOL_TLS = 282
+TLS_TX = 1
+TLS_RX = 2
+TLS_GET_RECORD_TYPE = 2  # cmsg type carrying a received record's content type
+TCP_ULP = 31
+TLS_1_3_VERSION = 0x0304
+
+#: TLS 1.3 per-record nonce length (RFC 8446 5.3), the same for every AEAD here.
+NONCE_LEN = 12
+REC_SEQ_LEN = 8
+#: Keys are installed right after the handshake, before any application
+#: record in either direction, so both sequence numbers start at zero.
+REC_SEQ_START = bytes(REC_SEQ_LEN)
+_INFO_HEADER = struct.Struct("=HH")  # struct tls_crypto_info: host-endian __u16s
+
+# Key log labels of the first application traffic secrets (NSS key log format).
+CLIENT_TRAFFIC_SECRET = "CLIENT_TRAFFIC_SECRET_0"  # noqa: S105 - a label, not a secret
+SERVER_TRAFFIC_SECRET = "SERVER_TRAFFIC_SECRET_0"  # noqa: S105
+
+
+@dataclass(frozen=True)
+class KtlsCipher:
+    """A TLS 1.3 cipher suite the kernel can take over.
+
+    kTLS splits the 12-byte TLS 1.3 IV into ``salt`` (its first ``salt_len``
+    bytes) and ``iv`` (the rest); ChaCha20-Poly1305 has no salt.
+    """
+
+    name: str
+    cipher_type: int
+    hash: hashes.HashAlgorithm
+    key_len: int
+    salt_len: int
+
+    @property
+    def info_size(self) -> int:
+        """sizeof the matching ``struct tls12_crypto_info_*``."""
+        return _INFO_HEADER.size + NONCE_LEN + self.key_len + REC_SEQ_LEN
+
+
+#: Every suite tls-bridge offers, by OpenSSL/IANA name, in preference order.
+CIPHERS: Mapping[str, KtlsCipher] = {
+    cipher.name: cipher
+    for cipher in (
+        KtlsCipher("TLS_AES_256_GCM_SHA384", 52, hashes.SHA384(), 32, 4),
+        KtlsCipher("TLS_AES_128_GCM_SHA256", 51, hashes.SHA256(), 16, 4),
+        KtlsCipher("TLS_CHACHA20_POLY1305_SHA256", 54, hashes.SHA256(), 32, 0),
+    )
+}
+
+
+def hkdf_expand_label(
+    algorithm: hashes.HashAlgorithm, secret: bytes, label: str, context: bytes, length: int
+) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 section 7.1)."""
+    full_label = b"tls13 " + label.encode("ascii")
+    info = struct.pack(">HB", length, len(full_label)) + full_label
+    info += struct.pack(">B", len(context)) + context
+    return HKDFExpand(algorithm, length, info).derive(secret)
+
+
+def traffic_key_iv(cipher: KtlsCipher, secret: bytes) -> tuple[bytes, bytes]:
+    """The record key and IV of one direction (RFC 8446 section 7.3)."""
+    key = hkdf_expand_label(cipher.hash, secret, "key", b"", cipher.key_len)
+    iv = hkdf_expand_label(cipher.hash, secret, "iv", b"", NONCE_LEN)
+    return key, iv
+
+
+def crypto_info(cipher: KtlsCipher, secret: bytes) -> bytes:
+    """The setsockopt(SOL_TLS, TLS_TX/TLS_RX) argument for one direction."""
+    key, iv = traffic_key_iv(cipher, secret)
+    salt, explicit_iv = iv[: cipher.salt_len], iv[cipher.salt_len :]
+    header = _INFO_HEADER.pack(TLS_1_3_VERSION, cipher.cipher_type)
+    return header + explicit_iv + key + salt + REC_SEQ_START
+
+
+@dataclass(frozen=True)
+class KtlsKeys:
+    """Both directions' ``crypto_info`` for a client (TX = client secret)."""
+
+    cipher: KtlsCipher
+    tx: bytes = field(repr=False)  # key material: never in a log or a traceback
+    rx: bytes = field(repr=False)
+
+
+def ktls_keys(cipher: KtlsCipher, client_secret: bytes, server_secret: bytes) -> KtlsKeys:
+    return KtlsKeys(cipher, crypto_info(cipher, client_secret), crypto_info(cipher, server_secret))
+
+
+class KeyLog:
+    """Collects traffic secrets from OpenSSL's key log callback lines.
+
+    A line is ``LABEL <client random hex> <secret hex>``; only the two
+    application secrets are kept.
+    """
+
+    WANTED = frozenset({CLIENT_TRAFFIC_SECRET, SERVER_TRAFFIC_SECRET})
+
+    def __init__(self) -> None:
+        self._secrets: dict[str, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"KeyLog(labels={sorted(self._secrets)})"
+
+    def feed(self, line: bytes) -> None:
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) == 3 and parts[0] in self.WANTED:
+            self._secrets[parts[0]] = bytes.fromhex(parts[2])
+
+    def secrets(self) -> tuple[bytes, bytes] | None:
+        """(client, server) application traffic secrets, once both were logged."""
+        client = self._secrets.get(CLIENT_TRAFFIC_SECRET)
+        server = self._secrets.get(SERVER_TRAFFIC_SECRET)
+        return None if client is None or server is None else (client, server)
