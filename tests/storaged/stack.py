@@ -223,7 +223,7 @@ class ThreadedServer:
         self.loop.close()
 
 
-def raw_tls_socket(stack: Stack, client: str = "alice", timeout: float = 10) -> ssl.SSLSocket:
+def raw_tls_socket(stack: Stack, client: str = "alice", timeout: float = 60) -> ssl.SSLSocket:
     """A blocking TLS connection with ``client``'s certificate, not logged in."""
     cert, key = stack.client_tls(client)
     context = client_context(stack.pki.ca_cert, cert, key)

@@ -76,7 +76,7 @@ T = TypeVar("T")
 
 #: Fuzzed logins must not lock the test's own client out, and a client that
 #: stalls mid-HELLO should not hold a connection for long.
-FUZZ_POLICY = "[login]\nmax_failures = 1000000\ntimeout = 5\n"
+FUZZ_POLICY = "[login]\nmax_failures = 1000000\ntimeout = 60\n"
 
 CANARY_OFFSET = VOLUME_SIZE // 2
 CANARY = random.Random(3).randbytes(64 << 10)
@@ -89,8 +89,9 @@ U16 = 0xFFFF
 U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
-#: Longest the server may take to answer or close (a healthy one needs ms).
-HANG_LIMIT = 5.0
+#: Longest the server may take to answer or close: a healthy one needs
+#: milliseconds; the slack is for a loaded CI machine (login runs argon2id).
+HANG_LIMIT = 60.0
 #: How long an incomplete frame is watched for a (wrong) early answer.
 WAIT_PROBE = 0.05
 EXAMPLES = 100
@@ -175,7 +176,7 @@ def live(fuzz_stack: Stack) -> Iterator[Live]:
 def assert_survived(live: Live) -> None:
     """After the fuzzing: all connections gone, a normal client served, the
     canary intact, no internal error logged."""
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while (open_now := live.snapshot()["connections_open"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert open_now == 0, f"{open_now} fuzz connections still open"

@@ -60,7 +60,7 @@ def login_once(
     port: int,
     entry: ServerEntry,
     export: str = "data",
-    timeout: float = 10,
+    timeout: float = 60,
     install: Callable[[socket.socket, KtlsKeys], RecordChannel] = userspace_install,
 ) -> LoginResult:
     with socket.create_connection((LOOPBACK, port), timeout=10) as sock:
