@@ -56,6 +56,7 @@ class Stack:
     port: int = field(default_factory=free_port)
     tokens: dict[str, str] = field(default_factory=dict)
     extra_config: str = ""
+    volume_size: int = VOLUME_SIZE
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,7 @@ class Stack:
             self.tokens[client] = generate_token()
         for export in EXPORTS:
             luks2.format_volume(
-                self.volume_path(export), VOLUME_SIZE, PASSPHRASE, luks2.TEST_KDF_PARAMS
+                self.volume_path(export), self.volume_size, PASSPHRASE, luks2.TEST_KDF_PARAMS
             )
         self.config_path.write_text(self.render_config())
 
@@ -158,7 +159,8 @@ class ServerProcess:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + 30
+        # Unlocking volumes runs argon2id: seconds, minutes in an emulated guest.
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"storaged exited: {self.log_path.read_text()}")
