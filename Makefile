@@ -4,9 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY_SRC := storaged/storaged certs/netblk_certs tls-bridge/tls_bridge bench tests
 
-.PHONY: test deps lint typecheck pytest vm-test
+.PHONY: test demo deps lint typecheck pytest vm-test
 
 test: deps lint typecheck pytest vm-test
+
+# The whole stack in a QEMU guest, narrated (scripts/demo-guest).
+demo:
+	scripts/demo
 
 deps:
 	@scripts/bootstrap
