@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY_SRC := storaged/storaged certs/netblk_certs tls-bridge/tls_bridge bench tests
 
-.PHONY: test demo deps lint typecheck pytest vm-test
+.PHONY: test demo deps lint typecheck kmod-check pytest vm-test
 
-test: deps lint typecheck pytest vm-test
+test: deps lint typecheck kmod-check pytest vm-test
 
 # The whole stack in a QEMU guest, narrated (scripts/demo-guest).
 demo:
@@ -32,3 +32,10 @@ vm-test: deps kmod
 .PHONY: kmod
 kmod:
 	$(MAKE) -C kmod
+
+# The driver must build warning-free with W=1 and clean under sparse (C=1).
+kmod-check: deps
+	@$(MAKE) -s -C kmod clean
+	@$(MAKE) -C kmod C=1 W=1 >build-kmod.log 2>&1 || { cat build-kmod.log; exit 1; }
+	@if grep -E "warning:|error:" build-kmod.log; then echo "kmod: not clean" >&2; exit 1; fi
+	@echo "kmod: warning-free with W=1, sparse clean ($$(grep -c CHECK build-kmod.log) files checked)"
