@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import random
+import select
 import socket
 import ssl
 import threading
@@ -36,7 +37,8 @@ from tests.tls_bridge.support import (
 from tls_bridge.channel import install_ktls
 from tls_bridge.errors import Deadline, Failure
 from tls_bridge.ktls import CIPHERS, TCP_ULP
-from tls_bridge.login import LoginResult, handshake_and_login, login
+from tls_bridge.login import LoginResult, _install_failure, handshake_and_login, login
+from tls_bridge.tlsclient import tls_handshake
 
 
 def test_login_verifies_the_server_by_ip_and_reports_the_export(storaged: Stack) -> None:
@@ -303,3 +305,17 @@ def test_garbage_instead_of_a_reply_is_a_protocol_error() -> None:
     with pytest.raises(Failure, match=r"^login: bad HELLO reply magic 0x48545450$") as info:
         scripted_login(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
     assert info.value.code == errno.EPROTO
+
+
+def test_a_refusal_that_beat_the_ktls_install_is_reported(storaged: Stack) -> None:
+    """TLS 1.3 lets our handshake finish before storaged judges the client
+    certificate; when its alert and close arrive before kTLS is installed,
+    the reason must still name the refusal, not the dead socket."""
+    pki = storaged.pki
+    entry = server_entry(storaged, cert=pki.rogue_cert, key=pki.rogue_key)
+    with socket.create_connection((LOOPBACK, storaged.port), timeout=60) as sock:
+        handshake = tls_handshake(sock, entry, Deadline(60))
+        assert select.select([sock], [], [], 60)[0], "storaged never refused the rogue certificate"
+        failure = _install_failure(OSError(errno.ENOTCONN, "not connected"), handshake)
+    assert failure.code == errno.EACCES
+    assert "server refused our client certificate: TLS alert unknown_ca" in failure.reason

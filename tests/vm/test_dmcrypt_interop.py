@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.storaged.stack import PASSPHRASE, Stack, run, serving
 
 from storaged import luks2
 from storaged.protocol.constants import BLOCK_SIZE
+from tests.storaged.stack import PASSPHRASE, Stack, run, serving
 
 #: (block index, block count) extents: first block, a run crossing 1 MiB, far out.
 EXTENTS = [(0, 1), (250, 12), (9000, 3)]

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.pki_fixtures import PkiFiles
-from tests.storaged.stack import ServerProcess, Stack
 
 from storaged.cli import main as storaged_cli
+from tests.pki_fixtures import PkiFiles
+from tests.storaged.stack import ServerProcess, Stack
+from tests.vm.module import insmod, rmmod
 
-ROOT = Path(__file__).resolve().parents[2]
-MODULE = ROOT / "kmod" / "netblk.ko"
 SYS = Path("/sys/block")
 VOLUME = 256 << 20
 #: Bounds against hangs, not speed checks: under software emulation (and
@@ -143,7 +142,7 @@ class Stage:
 @pytest.fixture(scope="module")
 def stage(pki: PkiFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
     subprocess.run(["modprobe", "tls"], check=True)
-    subprocess.run(["insmod", str(MODULE), "nr_devices=2"], check=True)
+    insmod(nr_devices=2)
     stack = Stack(pki=pki, root=tmp_path_factory.mktemp("e2e"), volume_size=VOLUME)
     storaged = ServerProcess(stack)
     storaged.start()
@@ -157,7 +156,7 @@ def stage(pki: PkiFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
                 set_sysfs(dev, "disconnect", "1")
         bridge.stop()
         storaged.stop()
-        subprocess.run(["rmmod", "netblk"], check=True, timeout=60)
+        rmmod()
 
 
 @pytest.fixture(autouse=True)

@@ -30,10 +30,7 @@ from pathlib import Path
 import pytest
 
 from storaged.protocol.constants import GENL_MCGRP_HANDSHAKE, GENL_NAME, GenlAttr, GenlCmd
-
-ROOT = Path(__file__).resolve().parents[2]
-KO = ROOT / "kmod" / "netblk.ko"
-SYS_MODULE = Path("/sys/module/netblk")
+from tests.vm.module import KO, SYS_MODULE, insmod, loaded, rmmod
 
 STATES = {"disconnected", "connecting", "handshaking", "connected", "reconnecting", "error"}
 STATS_KEYS = [
@@ -257,28 +254,6 @@ class Accepted:
 
 
 # --- module and sysfs helpers ------------------------------------------------------
-
-
-def loaded() -> bool:
-    return SYS_MODULE.exists()
-
-
-def insmod(**params: object) -> None:
-    args = [f"{key}={value}" for key, value in params.items()]
-    subprocess.run(["insmod", str(KO), *args], check=True, capture_output=True)
-
-
-def rmmod() -> None:
-    """rmmod, waiting out udev probes that briefly hold a device open."""
-    subprocess.run(["udevadm", "settle", "-t", "5"], check=False, capture_output=True)
-    for _ in range(50):
-        result = subprocess.run(["rmmod", "netblk"], check=False, capture_output=True, text=True)
-        if result.returncode == 0:
-            return
-        if "in use" not in result.stderr:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"rmmod failed: {result.stderr}")
 
 
 @contextlib.contextmanager

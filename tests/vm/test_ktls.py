@@ -14,19 +14,19 @@ import asyncio
 import errno
 import random
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, Errno, ExportFlag
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer
 from tests.tls_bridge.conftest import RELAXED_THROTTLE
 from tests.tls_bridge.fake_kernel import FakeKernel, bridge_until, config_for
 from tests.tls_bridge.fake_servers import fake_server, read_hello_then, tls_server
 from tests.tls_bridge.support import LOOPBACK, PlainIo, login_once, server_entry
-
-from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, Errno, ExportFlag
+from tests.vm.module import insmod, loaded, rmmod
 from tls_bridge.channel import install_ktls
 from tls_bridge.ktls import CIPHERS, TCP_ULP
 from tls_bridge.login import handshake_and_login
@@ -178,16 +178,12 @@ def test_session_ticket_arrives_as_a_control_record(served: ThreadedServer, pki:
     assert "post-handshake message" in result.reason
 
 
-KO = Path(__file__).resolve().parents[2] / "kmod/netblk.ko"
-
-
-@pytest.mark.skipif(not KO.exists(), reason="kmod/netblk.ko is not built")
 def test_the_upcall_binds_to_the_real_driver() -> None:
     """pyroute2 finds the driver's family and group; ACCEPT with nothing
     pending is a clean None (the driver's -ENOENT)."""
-    loaded_before = Path("/sys/module/netblk").exists()
+    loaded_before = loaded()
     if not loaded_before:
-        subprocess.run(["insmod", str(KO)], check=True)
+        insmod()
     try:
 
         async def body() -> None:
@@ -200,4 +196,4 @@ def test_the_upcall_binds_to_the_real_driver() -> None:
         asyncio.run(body())
     finally:
         if not loaded_before:
-            subprocess.run(["rmmod", "netblk"], check=True)
+            rmmod()

@@ -27,10 +27,13 @@ from storaged.protocol.constants import (
     PROTO_VERSION,
     LoginStatus,
 )
-from tls_bridge.channel import Installer, RecordChannel, install_ktls
+from tls_bridge.channel import ALERT, Installer, RecordChannel, install_ktls, unexpected_record
 from tls_bridge.config import ServerEntry, read_token
 from tls_bridge.errors import Deadline, Failure
-from tls_bridge.tlsclient import tls_handshake
+from tls_bridge.tlsclient import Handshake, alert_after_handshake, tls_handshake
+
+#: TLS alert level "fatal" (RFC 8446, section 6).
+ALERT_LEVEL_FATAL = 2
 
 #: Each refused login: the errno for the kernel and what it means.
 LOGIN_FAILURES: dict[LoginStatus, tuple[int, str]] = {
@@ -76,13 +79,12 @@ def handshake_and_login(
             raise Failure(errno.ENOKEY, f"token file {exc.filename}: {exc.strerror}") from None
         except ValueError as exc:
             raise Failure(errno.ENOKEY, str(exc)) from None
-        keys = tls_handshake(sock, server, deadline)
-        cipher = keys.cipher.name
+        handshake = tls_handshake(sock, server, deadline)
+        cipher = handshake.keys.cipher.name
         try:
-            channel = install(sock, keys)
+            channel = install(sock, handshake.keys)
         except OSError as exc:
-            hint = " (is the tls module loaded?)" if exc.errno == errno.ENOENT else ""
-            raise Failure(exc.errno or errno.EIO, f"kTLS setup: {exc.strerror}{hint}") from None
+            raise _install_failure(exc, handshake) from None
         geometry = login(channel, sock, export, token, deadline)
     except Failure as failure:
         return LoginResult(failure.code, failure.reason, cipher)
@@ -90,6 +92,17 @@ def handshake_and_login(
         # Timeouts toggled O_NONBLOCK; hand the socket back as the kernel made it.
         fcntl.fcntl(sock.fileno(), fcntl.F_SETFL, file_flags)
     return LoginResult(0, "", cipher, geometry)
+
+
+def _install_failure(exc: OSError, handshake: Handshake) -> Failure:
+    """Why kTLS could not be set up: the server's refusal if it already
+    sent one (the socket is then closed: ENOTCONN), else the OS error."""
+    if exc.errno in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE):
+        alert = alert_after_handshake(handshake.conn)
+        if alert is not None:
+            return unexpected_record(ALERT, bytes([ALERT_LEVEL_FATAL, alert]))
+    hint = " (is the tls module loaded?)" if exc.errno == errno.ENOENT else ""
+    return Failure(exc.errno or errno.EIO, f"kTLS setup: {exc.strerror}{hint}")
 
 
 def login(

@@ -15,14 +15,18 @@ import os
 import select
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
+from tls_bridge.channel import ALERT_NAMES
 from tls_bridge.config import ServerEntry, is_ip_literal
 from tls_bridge.errors import Deadline, Failure
 from tls_bridge.ktls import CIPHERS, KeyLog, KtlsKeys, ktls_keys
+
+ALERT_CODES = {name: code for code, name in ALERT_NAMES.items()}
 
 _Codes = SSL.X509VerificationCodes
 #: What a failed OpenSSL check means, in operator terms.
@@ -130,7 +134,16 @@ def _load(what: str, path: Path, load: Callable[[], object]) -> None:
         raise Failure(errno.ENOKEY, f"cannot load {what} {path}: {_ssl_reason(exc)}") from None
 
 
-def tls_handshake(sock: socket.socket, server: ServerEntry, deadline: Deadline) -> KtlsKeys:
+@dataclass(frozen=True)
+class Handshake:
+    """A finished client handshake: the kTLS keys, and OpenSSL's connection
+    (still needed to read a refusal the server sent right after it)."""
+
+    keys: KtlsKeys
+    conn: SSL.Connection
+
+
+def tls_handshake(sock: socket.socket, server: ServerEntry, deadline: Deadline) -> Handshake:
     """Run the client handshake on ``sock``; return the keys for kTLS.
 
     Raises Failure.  On return OpenSSL holds no unread bytes, so the next
@@ -164,7 +177,25 @@ def tls_handshake(sock: socket.socket, server: ServerEntry, deadline: Deadline) 
     secrets = keylog.secrets()
     if secrets is None:
         raise Failure(errno.EPROTO, "OpenSSL did not report the traffic secrets")
-    return ktls_keys(cipher, *secrets)
+    return Handshake(ktls_keys(cipher, *secrets), conn)
+
+
+def alert_after_handshake(conn: SSL.Connection) -> int | None:
+    """The alert code the server already sent after the handshake, if any.
+
+    A TLS 1.3 client finishes its handshake before the server has judged its
+    certificate, so a refusal (alert, then close) can beat the kTLS install.
+    """
+    try:
+        conn.recv(1)
+    except SSL.WantReadError:
+        return None
+    except SSL.Error as exc:  # "tlsv1 alert unknown ca" -> unknown_ca
+        _, found, description = _ssl_reason(exc).partition("alert ")
+        return ALERT_CODES.get(description.replace(" ", "_")) if found else None
+    except OSError:
+        return None
+    return None
 
 
 def _wait(sock: socket.socket, event: int, deadline: Deadline) -> None:
