@@ -188,16 +188,22 @@ def encode_reply(handle: int, error: int) -> bytes:
 
 
 class _Buffer:
-    """Receive buffer that hands out frames without quadratic copying."""
+    """Receive buffer that hands out frames without quadratic copying, and
+    knows whether the peer has closed."""
 
     def __init__(self) -> None:
         self._data = bytearray()
         self._pos = 0
+        self.eof = False
 
     def __len__(self) -> int:
         return len(self._data) - self._pos
 
     def feed(self, data: bytes) -> None:
+        """Append bytes from the peer; ``b""`` means the peer closed."""
+        if not data:
+            self.eof = True
+            return
         if self._pos and self._pos == len(self._data):
             self._data.clear()
             self._pos = 0
@@ -205,6 +211,15 @@ class _Buffer:
 
     def peek(self, size: int) -> memoryview:
         return memoryview(self._data)[self._pos : self._pos + size]
+
+    def end(self, peer: str) -> ConnectionClosed | NeedData:
+        """What a frame that needs more bytes means: wait, a clean close, or
+        (bytes left over at EOF) a broken frame."""
+        if not self.eof:
+            return NEED_DATA
+        if len(self):
+            raise ProtocolError(f"{peer} closed mid-frame ({len(self)} bytes pending)")
+        return ConnectionClosed()
 
     def take(self, size: int) -> bytes:
         chunk = bytes(self._data[self._pos : self._pos + size])
@@ -234,7 +249,6 @@ class ServerConnection:
     def __init__(self) -> None:
         self._buf = _Buffer()
         self._state = _State.AWAIT_HELLO
-        self._eof = False
         self._geometry: ExportGeometry | None = None
         self._inflight: set[int] = set()
 
@@ -250,10 +264,7 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed."""
-        if data:
-            self._buf.feed(data)
-        else:
-            self._eof = True
+        self._buf.feed(data)
 
     def accept(self, geometry: ExportGeometry) -> bytes:
         """Admit the client to an export; returns the HELLO reply to send."""
@@ -289,7 +300,7 @@ class ServerConnection:
             return self._next_hello()
         if self._state is _State.SERVING:
             return self._next_request()
-        return NEED_DATA if not self._eof else ConnectionClosed()
+        return NEED_DATA if not self._buf.eof else ConnectionClosed()
 
     def events(self) -> Iterator[ServerEvent]:
         """Every complete event buffered so far."""
@@ -299,13 +310,9 @@ class ServerConnection:
                 return
 
     def _closed_or_need_data(self) -> ConnectionClosed | NeedData:
-        if not self._eof:
-            return NEED_DATA
-        if len(self._buf):
+        if self._buf.eof:
             self._state = _State.CLOSED
-            raise ProtocolError(f"peer closed mid-frame ({len(self._buf)} bytes pending)")
-        self._state = _State.CLOSED
-        return ConnectionClosed()
+        return self._buf.end("peer")
 
     def _next_hello(self) -> Hello | ConnectionClosed | NeedData:
         if len(self._buf) < HELLO.size:
@@ -412,7 +419,6 @@ class ClientConnection:
 
     def __init__(self) -> None:
         self._buf = _Buffer()
-        self._eof = False
         self._logged_in = False
         self._read_lengths: dict[int, int] = {}
         self._outstanding: set[int] = set()
@@ -440,10 +446,8 @@ class ClientConnection:
         return encode_request(opcode, handle, offset, length, flags)
 
     def receive_data(self, data: bytes) -> None:
-        if data:
-            self._buf.feed(data)
-        else:
-            self._eof = True
+        """Feed bytes from the server; ``b""`` means it closed."""
+        self._buf.feed(data)
 
     def next_event(self) -> ClientEvent | NeedData:
         """Parse the next event, or NEED_DATA.  Raises ProtocolError."""
@@ -493,8 +497,4 @@ class ClientConnection:
         )
 
     def _closed_or_need_data(self) -> ConnectionClosed | NeedData:
-        if not self._eof:
-            return NEED_DATA
-        if len(self._buf):
-            raise ProtocolError(f"server closed mid-frame ({len(self._buf)} bytes pending)")
-        return ConnectionClosed()
+        return self._buf.end("server")
