@@ -346,6 +346,15 @@ def configure(dev: str, ip: str, port: int, export: str = "vol1") -> None:
     write(dev, "export", export)
 
 
+def start_handshake(helper: Genl, dev: str, srv: socket.socket) -> Accepted:
+    """Point ``dev`` at ``srv``, connect, and ACCEPT the READY it posts."""
+    helper.join()
+    configure(dev, "127.0.0.1", srv.getsockname()[1])
+    write(dev, "connect", "1")
+    helper.next_event()
+    return helper.accept()
+
+
 def disconnect(dev: str) -> None:
     write(dev, "disconnect", "1")
     assert read(dev, "state") == "disconnected"
@@ -864,11 +873,7 @@ def test_handshake_upcall_failure(dev0: str) -> None:
 
 def test_handshake_failure_without_reason(dev0: str) -> None:
     with listener() as srv, Genl() as helper:
-        helper.join()
-        configure(dev0, "127.0.0.1", srv.getsockname()[1])
-        write(dev0, "connect", "1")
-        helper.next_event()
-        accepted = helper.accept()
+        accepted = start_handshake(helper, dev0, srv)
         try:
             helper.done(nla_u64(A_COOKIE, accepted.cookie), nla_u32(A_STATUS, errno.EPROTO))
             assert read(dev0, "state") == "error"
@@ -881,11 +886,7 @@ def test_handshake_failure_without_reason(dev0: str) -> None:
 def test_done_success_without_ktls_is_refused(dev0: str) -> None:
     """The driver never sends block data in the clear."""
     with listener() as srv, Genl() as helper:
-        helper.join()
-        configure(dev0, "127.0.0.1", srv.getsockname()[1])
-        write(dev0, "connect", "1")
-        helper.next_event()
-        accepted = helper.accept()
+        accepted = start_handshake(helper, dev0, srv)
         conn, _ = srv.accept()
         try:
             # A success must carry the export's parameters.
@@ -912,11 +913,7 @@ def test_done_success_without_ktls_is_refused(dev0: str) -> None:
 
 def test_done_success_with_bad_parameters_is_refused(dev0: str) -> None:
     with listener() as srv, Genl() as helper:
-        helper.join()
-        configure(dev0, "127.0.0.1", srv.getsockname()[1])
-        write(dev0, "connect", "1")
-        helper.next_event()
-        accepted = helper.accept()
+        accepted = start_handshake(helper, dev0, srv)
         try:
             with pytest.raises(OSError) as err:
                 helper.done_ok(accepted, size=(64 << 20) + 512)
@@ -943,11 +940,7 @@ def test_handshake_deadline_unaccepted(dev0: str) -> None:
 
 def test_handshake_deadline_accepted(dev0: str) -> None:
     with param("handshake_timeout_ms", "1000"), listener() as srv, Genl() as helper:
-        helper.join()
-        configure(dev0, "127.0.0.1", srv.getsockname()[1])
-        write(dev0, "connect", "1")
-        helper.next_event()
-        accepted = helper.accept()
+        accepted = start_handshake(helper, dev0, srv)
         try:
             assert accepted.timeout_ms <= 1000
             assert wait_state(dev0, "error", timeout=15) == "error"
