@@ -1,0 +1,262 @@
+"""Turn a benchmark run's raw results into docs/performance.md and a chart.
+
+    python bench/report.py host RESULTS          # record the host's facts
+    python bench/report.py render RESULTS --doc docs/performance.md --chart docs/performance.png
+
+``render`` rewrites only the part of the document between the
+``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers (creating the
+document if needed), so the analysis written around the numbers stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # headless: picks the Agg backend
+from profiles import PROFILES, Measurement, Profile
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+TARGETS = ("netblk", "nbd-tls", "nbd", "loop")
+#: Goals from the benchmark issue: netblk / peer, per profile.
+NBD_TLS_GOAL = 1.5
+NBD_TLS_GOAL_PROFILES = ("seq-write", "seq-read", "rand-read-qd32", "rand-write-qd32")
+NBD_GOAL = 0.8
+#: Frames shown from the py-spy profile.
+TOP_FRAMES = 15
+
+
+def host_facts(results: Path) -> None:
+    def first_line(*argv: str) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return "?"
+        return out.strip().splitlines()[0] if out.strip() else "?"
+
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    facts = {
+        "host_cpu_model": model,
+        "host_cpus": os.cpu_count(),
+        "host_memory_gib": round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1
+        ),
+        "host_kernel": platform.release(),
+        "qemu": first_line("qemu-system-x86_64", "--version"),
+        "virtme-ng": first_line("vng", "--version"),
+        "git": first_line("git", "describe", "--always", "--dirty"),
+    }
+    (results / "host.json").write_text(json.dumps(facts, indent=1))
+
+
+def load(results: Path) -> dict[str, dict[str, list[Measurement]]]:
+    """target -> profile -> one Measurement per repeat."""
+    runs: dict[str, dict[str, list[Measurement]]] = collections.defaultdict(dict)
+    for target in TARGETS:
+        for profile in PROFILES:
+            files = sorted((results / "fio" / target).glob(f"{profile.name}.*.json"))
+            runs[target][profile.name] = [
+                Measurement.from_fio(json.loads(f.read_text())) for f in files
+            ]
+    return runs
+
+
+def peak_rss_kib(results: Path) -> dict[str, int]:
+    peaks: dict[str, int] = {}
+    for profile in PROFILES:
+        for f in (results / "fio" / "netblk").glob(f"{profile.name}.*.json"):
+            extra = json.loads(f.read_text()).get("netblk_bench", {})
+            peaks[profile.name] = max(
+                peaks.get(profile.name, 0), extra.get("storaged_peak_rss_kib", 0)
+            )
+    return peaks
+
+
+def headline(profile: Profile, m: Measurement) -> float:
+    """The figure a profile is judged by: MB/s sequential, IOPS random."""
+    return m.mb_per_s if profile.sequential else m.iops
+
+
+def top_frames(results: Path) -> list[tuple[str, float, float]]:
+    """(frame, self %, total %) from py-spy's raw (collapsed) output."""
+    raw = results / "storaged-profile.txt"
+    if not raw.exists():
+        return []
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        # py-spy --threads puts the thread first: drop it from the frames
+        frames = [f for f in stack.split(";") if not f.startswith("thread (")]
+        if not frames:
+            continue
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    return [
+        (frame, 100 * n / samples, 100 * total[frame] / samples)
+        for frame, n in own.most_common(TOP_FRAMES)
+    ]
+
+
+def chart(medians: dict[str, dict[str, Measurement]], path: Path) -> None:
+    sequential = [p for p in PROFILES if p.sequential]
+    random_ = [p for p in PROFILES if not p.sequential]
+    fig, axes = plt.subplots(
+        1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [len(sequential), len(random_)]}
+    )
+    width = 0.8 / len(TARGETS)
+    for ax, group, unit in ((axes[0], sequential, "MB/s"), (axes[1], random_, "IOPS")):
+        for i, target in enumerate(TARGETS):
+            values = [headline(p, medians[target][p.name]) for p in group]
+            xs = [x + (i - (len(TARGETS) - 1) / 2) * width for x in range(len(group))]
+            ax.bar(xs, values, width, label=target)
+        ax.set_xticks(range(len(group)), [p.name for p in group], rotation=20)
+        ax.set_ylabel(f"{unit} (median)")
+        ax.set_yscale("log")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("netblk vs NBD with TLS + dm-crypt vs plain NBD vs loop (same guest, same tmpfs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def render(results: Path, chart_path: Path, doc: Path) -> str:
+    runs = load(results)
+    medians = {
+        t: {p: Measurement.median_of(ms) for p, ms in by.items() if ms} for t, by in runs.items()
+    }
+    guest = json.loads((results / "guest.json").read_text())
+    host_file = results / "host.json"
+    host = json.loads(host_file.read_text()) if host_file.exists() else {}
+    repeats = {len(ms) for by in runs.values() for ms in by.values()}
+    chart(medians, chart_path)
+    rel = os.path.relpath
+
+    out = [BEGIN, ""]
+    out.append(
+        f"Raw fio JSON: [`{rel(results, doc.parent)}/fio/`]"
+        f"({rel(results, doc.parent)}/fio/); runs per profile and target: "
+        f"{', '.join(map(str, sorted(repeats)))} (median shown)."
+    )
+    out += ["", f"![chart]({rel(chart_path, doc.parent)})", ""]
+
+    out += [
+        "### Goals",
+        "",
+        "| goal | profile | netblk | peer | ratio | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for profile in PROFILES:
+        net = headline(profile, medians["netblk"][profile.name])
+        unit = "MB/s" if profile.sequential else "IOPS"
+        checks = [("nbd", NBD_GOAL)]
+        if profile.name in NBD_TLS_GOAL_PROFILES:
+            checks.insert(0, ("nbd-tls", NBD_TLS_GOAL))
+        for peer, goal in checks:
+            other = headline(profile, medians[peer][profile.name])
+            met = "yes" if other and net / other >= goal else "**no**"
+            out.append(
+                f"| >= {goal}x {peer} | {profile.name} | {net:,.0f} {unit} | "
+                f"{other:,.0f} {unit} | {ratio(net, other)} | {met} |"
+            )
+    peaks = peak_rss_kib(results)
+    if peaks:
+        worst = max(peaks.values())
+        out += [
+            "",
+            f"storaged peak RSS over every profile: **{worst / 1024:.0f} MiB** "
+            f"(per profile: "
+            + ", ".join(f"{p} {k / 1024:.0f}" for p, k in peaks.items())
+            + " MiB).",
+        ]
+
+    out += ["", "### Every profile", ""]
+    out += [
+        "| profile | target | MB/s | IOPS | p50 µs | p99 µs | vs nbd-tls | vs nbd | vs loop |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for profile in PROFILES:
+        for target in TARGETS:
+            m = medians[target][profile.name]
+            h = headline(profile, m)
+            ratios = [
+                ratio(h, headline(profile, medians[p][profile.name]))
+                for p in ("nbd-tls", "nbd", "loop")
+            ]
+            out.append(
+                f"| {profile.title} | {target} | {m.mb_per_s:,.1f} | {m.iops:,.0f} | "
+                f"{m.p50_us:,.0f} | {m.p99_us:,.0f} | " + " | ".join(ratios) + " |"
+            )
+    out += ["", "Latency is fio's completion latency of the main direction (reads for the mix)."]
+
+    frames = top_frames(results)
+    if frames:
+        out += ["", f"### storaged under load (py-spy, {guest.get('profiled', '?')})", ""]
+        svg = f"{rel(results, doc.parent)}/storaged-profile.svg"
+        out += [
+            f"Flame graph: [`storaged-profile.svg`]({svg})."
+            " Self = samples in the frame itself; total = with what it calls; all threads.",
+            "",
+            "| frame | self % | total % |",
+            "|---|---:|---:|",
+        ]
+        out += [f"| `{f}` | {s:.1f} | {t:.1f} |" for f, s, t in frames]
+
+    out += ["", "### Machine and versions", "", "| | |", "|---|---|"]
+    for key, value in (host | guest).items():
+        if key not in ("targets", "profiles", "profiled"):
+            out.append(f"| {key} | {value} |")
+    out += ["", END]
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    host = sub.add_parser("host")
+    host.add_argument("results", type=Path)
+    rend = sub.add_parser("render")
+    rend.add_argument("results", type=Path)
+    rend.add_argument("--doc", type=Path, required=True)
+    rend.add_argument("--chart", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "host":
+        host_facts(args.results)
+        return 0
+    section = render(args.results, args.chart, args.doc)
+    text = args.doc.read_text() if args.doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        print(f"{args.doc}: no {BEGIN} ... {END} section to replace", file=sys.stderr)
+        return 1
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    args.doc.write_text(head + section + tail)
+    print(f"bench: wrote {args.doc} and {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
