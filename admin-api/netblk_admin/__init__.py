@@ -1,0 +1,3 @@
+"""netblk admin API: REST control of netblk.ko over sysfs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""Request and response bodies.  Every field is validated here, before any
+sysfs write, with the driver's own rules (kmod/README.md, "sysfs")."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    with_config,
+)
+from typing_extensions import TypedDict
+
+from netblk_admin.sysfs import CONFIG_ATTRS, TARGET_ATTRS, Snapshot, State
+from storaged.protocol.constants import MAX_EXPORT_NAME
+from storaged.protocol.names import NAME_RE, validate_export_name
+
+# The driver's ranges; it refuses anything outside with -EINVAL.
+PORT_MIN, PORT_MAX = 1, 65535
+REQUEST_TIMEOUT_MS_MIN, REQUEST_TIMEOUT_MS_MAX = 100, 3_600_000
+DEAD_TIMEOUT_MS_MIN, DEAD_TIMEOUT_MS_MAX = 0, 86_400_000
+RECONNECT_RETRIES_MIN, RECONNECT_RETRIES_MAX = 0, 1_000_000
+
+#: connect/disconnect ``?wait=true``: how long by default and at most (seconds).
+DEFAULT_WAIT = 60.0
+MAX_WAIT = 600.0
+
+
+def _ip_literal(value: str) -> str:
+    """An IPv4 or IPv6 literal without a scope id, in canonical form."""
+    if "%" in value:
+        raise ValueError("scope ids (%...) are not supported: give a plain address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("not an IPv4 or IPv6 address literal") from None
+
+
+IpLiteral = Annotated[
+    str,
+    AfterValidator(_ip_literal),
+    WithJsonSchema(
+        {"anyOf": [{"type": "string", "format": "ipv4"}, {"type": "string", "format": "ipv6"}]}
+    ),
+]
+
+
+def _integral(value: object) -> object:
+    # JSON (and JSON Schema's "integer") does not tell 1700.0 from 1700.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: Last in an ``Annotated[int, Field(...), ...]`` (so the bounds stay in the
+#: schema): a JSON integer; no strings or booleans (the model is strict).
+INTEGRAL = BeforeValidator(_integral)
+# The protocol's one name rule does the validating; the schema only describes it.
+ExportName = Annotated[
+    str,
+    AfterValidator(validate_export_name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_EXPORT_NAME,
+            "pattern": f"^{NAME_RE.pattern}$",
+        }
+    ),
+]
+
+
+# typing_extensions' TypedDict: pydantic needs it on Python < 3.12.
+@with_config(ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1}))
+class ConfigPatch(TypedDict, total=False):
+    """The fields to change; the others keep their values.  server_ip,
+    server_port and export change only while the device is disconnected or
+    in error; the rest at any time."""
+
+    server_ip: IpLiteral
+    server_port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX), INTEGRAL]
+    export: ExportName
+    request_timeout_ms: Annotated[
+        int, Field(ge=REQUEST_TIMEOUT_MS_MIN, le=REQUEST_TIMEOUT_MS_MAX), INTEGRAL
+    ]
+    dead_timeout_ms: Annotated[int, Field(ge=DEAD_TIMEOUT_MS_MIN, le=DEAD_TIMEOUT_MS_MAX), INTEGRAL]
+    reconnect_retries: Annotated[
+        int, Field(ge=RECONNECT_RETRIES_MIN, le=RECONNECT_RETRIES_MAX), INTEGRAL
+    ]
+
+
+def _not_empty(patch: ConfigPatch) -> ConfigPatch:
+    if not patch:
+        raise ValueError(f"give at least one of {', '.join(CONFIG_ATTRS)}")
+    return patch
+
+
+ConfigPatchBody = Annotated[ConfigPatch, AfterValidator(_not_empty)]
+
+
+def sysfs_values(patch: ConfigPatch) -> dict[str, str]:
+    """What to write, attribute by attribute, in CONFIG_ATTRS order."""
+    values: Mapping[str, object] = patch
+    return {attr: str(values[attr]) for attr in CONFIG_ATTRS if attr in values}
+
+
+def touches_target(patch: ConfigPatch) -> bool:
+    return not patch.keys().isdisjoint(TARGET_ATTRS)
+
+
+class DeviceConfig(BaseModel):
+    server_ip: str | None = Field(description="null until set")
+    server_port: int
+    export: str | None = Field(description="null until set")
+    request_timeout_ms: int
+    dead_timeout_ms: int
+    reconnect_retries: int
+
+    @classmethod
+    def from_sysfs(cls, values: dict[str, str]) -> DeviceConfig:
+        return cls(
+            server_ip=values["server_ip"] or None,
+            server_port=int(values["server_port"]),
+            export=values["export"] or None,
+            request_timeout_ms=int(values["request_timeout_ms"]),
+            dead_timeout_ms=int(values["dead_timeout_ms"]),
+            reconnect_retries=int(values["reconnect_retries"]),
+        )
+
+
+class Device(BaseModel):
+    name: str = Field(examples=["netblk0"])
+    state: State
+    last_error: str | None = Field(description="why the last attempt failed; null when empty")
+    config: DeviceConfig
+    stats: dict[str, int] = Field(
+        description="the driver's counters since the module was loaded (kmod/README.md)"
+    )
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot) -> Device:
+        return cls(
+            name=snapshot.name,
+            state=snapshot.state,
+            last_error=snapshot.last_error or None,
+            config=DeviceConfig.from_sysfs(dict(snapshot.config)),
+            stats=dict(snapshot.stats),
+        )
+
+
+class DeviceList(BaseModel):
+    devices: list[Device]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    devices: int = Field(description="netblk devices found under the sysfs root")
+
+
+class FieldIssue(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query or path, then the field")
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer, whatever the status."""
+
+    error: str = Field(description="a stable machine-readable reason", examples=["busy"])
+    detail: str | list[FieldIssue] = Field(description="what went wrong, for people")
+    state: State | None = Field(
+        default=None, description="the device's state, when it decided the answer"
+    )
+    last_error: str | None = Field(default=None, description="the driver's last_error, if any")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
