@@ -15,8 +15,9 @@ from pathlib import Path
 import uvicorn
 
 from netblk_admin.app import create_app
-from netblk_admin.config import DEFAULT_CONFIG, ConfigError, load_config
+from netblk_admin.config import DEFAULT_CONFIG, load_config
 from storaged.logs import setup_logging
+from storaged.tomlconf import ConfigError
 
 log = logging.getLogger("netblk_admin")
 

@@ -8,9 +8,7 @@ admin-api/examples/admin-api.toml is a commented example.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +19,12 @@ from argon2.exceptions import InvalidHashError
 
 from netblk_certs.tokens import HASH_PREFIX
 from storaged.protocol.names import validate_name
+from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
 
 DEFAULT_CONFIG = Path("/etc/netblk/admin-api.toml")
 DEFAULT_LISTEN = "127.0.0.1"
 DEFAULT_PORT = 10920
 DEFAULT_SYSFS_ROOT = Path("/sys/block")
-LOG_FORMATS = ("json", "text")
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; the message names the key and why."""
 
 
 @dataclass(frozen=True)
@@ -57,44 +51,9 @@ class ApiConfig:
         return ipaddress.ip_address(self.listen).is_loopback
 
 
-class _Table:
-    """One TOML table; reports wrong types and unknown keys by full name."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a table")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def get(self, name: str, kind: type, default: Any = None) -> Any:
-        self.used.add(name)
-        value = self.data.get(name, default)
-        if value is not default and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise ConfigError(f"{self.where}.{name}: expected {kind.__name__}, got {value!r}")
-        return value
-
-    def require(self, name: str, kind: type) -> Any:
-        if name not in self.data:
-            raise ConfigError(f"{self.where}.{name}: required")
-        return self.get(name, kind)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.where}.{unknown[0]}: unknown setting")
-
-
 def load_config(path: Path) -> ApiConfig:
     """Read and validate ``path``; the TLS files, if any, must be readable."""
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    config = parse_config(data, path.parent)
+    config = parse_config(read_toml(path), path.parent)
     if config.tls is not None:
         for key in ("cert", "key"):
             tls_file: Path = getattr(config.tls, key)
@@ -105,11 +64,11 @@ def load_config(path: Path) -> ApiConfig:
 
 def parse_config(data: Mapping[str, Any], base: Path) -> ApiConfig:
     """Validate the parsed TOML; relative paths are taken relative to ``base``."""
-    root = _Table(dict(data), "config")
-    api = _Table(root.get("api", dict, {}), "api")
-    log = _Table(root.get("log", dict, {}), "log")
+    root = Table(dict(data), "config")
+    api = Table(root.get("api", dict, {}), "api")
+    log = Table(root.get("log", dict, {}), "log")
     tls_data = root.get("tls", dict)
-    tokens = _parse_tokens(_Table(root.get("tokens", dict, {}), "tokens"))
+    tokens = _parse_tokens(Table(root.get("tokens", dict, {}), "tokens"))
     root.finish()
 
     listen = api.get("listen", str, DEFAULT_LISTEN)
@@ -125,28 +84,23 @@ def parse_config(data: Mapping[str, Any], base: Path) -> ApiConfig:
 
     tls = None
     if tls_data is not None:
-        table = _Table(tls_data, "tls")
+        table = Table(tls_data, "tls")
         tls = TlsFiles(base / table.require("cert", str), base / table.require("key", str))
         table.finish()
 
-    log_format = log.get("format", str, "json")
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"log.format: expected 'json' or 'text', got {log_format!r}")
-    log_level = log.get("level", str, "INFO").upper()
-    if not isinstance(logging.getLevelName(log_level), int):
-        raise ConfigError(f"log.level: unknown level {log_level!r}")
+    log_format, log_level = log_settings(log)
     log.finish()
     return ApiConfig(tokens, listen, port, sysfs_root, tls, log_format, log_level)
 
 
-def _parse_tokens(table: _Table) -> dict[str, str]:
+def _parse_tokens(table: Table) -> dict[str, str]:
     tokens = {}
     for name in table.data:
         try:
             validate_name(name, "token name")
         except ValueError as exc:
             raise ConfigError(f"tokens.{name}: {exc}") from None
-        entry = _Table(table.get(name, dict), f"tokens.{name}")
+        entry = Table(table.get(name, dict), f"tokens.{name}")
         token_hash = entry.require("token_hash", str)
         entry.finish()
         # A hash that can never match would lock its holder out silently.

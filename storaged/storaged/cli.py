@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from storaged import volume_cli
-from storaged.config import DEFAULT_CONTROL_SOCKET, Config, ConfigError, load_config
+from storaged.config import DEFAULT_CONTROL_SOCKET, Config, load_config
 from storaged.logs import setup_logging
 from storaged.server import StorageServer
+from storaged.tomlconf import ConfigError
 
 log = logging.getLogger("storaged")
 

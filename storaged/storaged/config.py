@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from storaged.protocol.constants import DEFAULT_PORT, MAX_PAYLOAD
 from storaged.protocol.names import validate_client_name, validate_export_name
+from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
 
 SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -31,10 +31,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_LOGIN_FAILURES = 5
 DEFAULT_FAILURE_WINDOW = 60.0
 DEFAULT_CONTROL_SOCKET = Path("/run/netblk/storaged.sock")
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; the message says which key and why."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class Access(enum.Enum):
@@ -109,57 +106,9 @@ def parse_size(value: object, key: str) -> int:
     raise ConfigError(f"{key}: expected a size like 4096, '64MiB' or '1G', got {value!r}")
 
 
-class _Table:
-    """A TOML table that reports typos and wrong types by full key name."""
-
-    def __init__(self, data: Mapping[str, Any], where: str) -> None:
-        self.data = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            wanted = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self.key(name)}: expected {wanted}, got {value!r}")
-        return value
-
-    def require(self, name: str, kind: type) -> Any:
-        if name not in self.data:
-            raise ConfigError(f"{self.key(name)}: required")
-        return self.get(name, kind)
-
-    def table(self, name: str) -> _Table:
-        return _Table(self.get(name, dict, {}), self.key(name))
-
-    def positive(self, name: str, default: float, kind: type = int) -> Any:
-        value = self.get(name, (int, float) if kind is float else int, default)
-        if value <= 0:
-            raise ConfigError(f"{self.key(name)}: must be positive, got {value!r}")
-        return kind(value)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.key(unknown[0])}: unknown setting")
-
-
 def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read and validate a config file; ``overrides`` are CLI flags."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    config = parse_config(data, base=path.parent)
+    config = parse_config(read_toml(path), base=path.parent)
     return apply_overrides(config, overrides or {})
 
 
@@ -181,14 +130,14 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
 
 
 def parse_config(data: Mapping[str, Any], base: Path) -> Config:
-    root = _Table(data, "")
+    root = Table(data, "")
     server = root.table("server")
     tls_table = root.table("tls")
     cache = root.table("cache")
     login = root.table("login")
     log = root.table("log")
 
-    def path_of(table: _Table, name: str, required: bool = True) -> Path | None:
+    def path_of(table: Table, name: str, required: bool = True) -> Path | None:
         raw = table.require(name, str) if required else table.get(name, str)
         return None if raw is None else (base / raw).resolve()
 
@@ -219,12 +168,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
     if inflight_bytes < max_payload:
         raise ConfigError("server.max_inflight_bytes: must be at least server.max_payload")
     control = server.get("control_socket", str, str(DEFAULT_CONTROL_SOCKET))
-    log_format = log.get("format", str, "json")
-    if log_format not in {"json", "text"}:
-        raise ConfigError(f"log.format: expected 'json' or 'text', got {log_format!r}")
-    log_level = log.get("level", str, "INFO").upper()
-    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(f"log.level: unknown level {log_level!r}")
+    log_format, log_level = log_settings(log, LOG_LEVELS)
 
     config = Config(
         tls=tls,
@@ -257,7 +201,7 @@ def _some(path: Path | None) -> Path:
     return path
 
 
-def _parse_clients(table: _Table) -> dict[str, ClientConfig]:
+def _parse_clients(table: Table) -> dict[str, ClientConfig]:
     clients = {}
     for name in table.data:
         try:
@@ -274,7 +218,7 @@ def _parse_clients(table: _Table) -> dict[str, ClientConfig]:
 
 
 def _parse_exports(
-    table: _Table, clients: Mapping[str, ClientConfig], base: Path
+    table: Table, clients: Mapping[str, ClientConfig], base: Path
 ) -> dict[str, ExportConfig]:
     exports = {}
     for name in table.data:

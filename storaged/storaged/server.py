@@ -19,13 +19,14 @@ from typing import Any
 
 from storaged import tls_alerts
 from storaged.cache import SectorCache
-from storaged.config import Config, ConfigError, ExportConfig
+from storaged.config import Config, ExportConfig
 from storaged.login import Gatekeeper
 from storaged.luks2 import Luks2Error
 from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
 from storaged.session import Export, Session, SessionLimits
 from storaged.stats import ServerStats
 from storaged.tlsconf import server_context
+from storaged.tomlconf import ConfigError
 from storaged.volume import Volume
 
 log = logging.getLogger(__name__)

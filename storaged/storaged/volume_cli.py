@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from storaged import config, luks2
+from storaged.tomlconf import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -43,7 +44,7 @@ def parse_size(text: str) -> int:
     """Parse ``4096``, ``64M``, ``1G``, ``1GiB`` (binary units) into bytes."""
     try:
         return config.parse_size(text, "size")
-    except config.ConfigError:
+    except ConfigError:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r} (examples: 4096, 64M, 1GiB)"
         ) from None

@@ -14,10 +14,10 @@ from netblk_admin.config import (
     DEFAULT_PORT,
     DEFAULT_SYSFS_ROOT,
     ApiConfig,
-    ConfigError,
     load_config,
     parse_config,
 )
+from storaged.tomlconf import ConfigError
 from tests.admin_api.conftest import TOKENS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "admin-api/examples/admin-api.toml"

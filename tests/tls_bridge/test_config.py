@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from storaged.tomlconf import ConfigError
 from tls_bridge.config import (
     DEFAULT_MAX_CONCURRENT,
     BridgeConfig,
-    ConfigError,
     load_config,
     parse_config,
     read_token,

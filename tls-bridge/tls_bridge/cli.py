@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from storaged.logs import setup_logging
-from tls_bridge.config import DEFAULT_CONFIG, BridgeConfig, ConfigError, load_config
+from storaged.tomlconf import ConfigError
+from tls_bridge.config import DEFAULT_CONFIG, BridgeConfig, load_config
 from tls_bridge.daemon import Bridge
 from tls_bridge.netlink import GenlUpcall, UpcallUnavailable
 

@@ -10,30 +10,24 @@ naming the key.  Relative paths are relative to the config file.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from storaged.protocol.constants import DEFAULT_PORT, MAX_TOKEN, MIN_TOKEN
+from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
 from tls_bridge.ktls import CIPHERS
 
 DEFAULT_CONFIG = Path("/etc/netblk/tls-bridge.toml")
 DEFAULT_MAX_CONCURRENT = 16
 #: More parallel handshakes than this is a typo, not a deployment.
 MAX_CONCURRENT_LIMIT = 1024
-LOG_FORMATS = ("json", "text")
 HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; the message names the key and why."""
 
 
 @dataclass(frozen=True)
@@ -95,14 +89,7 @@ def read_token(path: Path) -> bytes:
 
 
 def load_config(path: Path) -> BridgeConfig:
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    config = parse_config(data, path.parent)
+    config = parse_config(read_toml(path), path.parent)
     for index, server in enumerate(config.servers.values()):
         check_files(server, f"servers[{index}]")
     return config
@@ -123,48 +110,15 @@ def check_files(server: ServerEntry, where: str) -> None:
         raise ConfigError(f"{where}.token_file: {exc}") from None
 
 
-class _Table:
-    """One TOML table; reports wrong types and unknown keys by full name."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a table")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def get(self, name: str, kind: type, default: Any = None) -> Any:
-        self.used.add(name)
-        value = self.data.get(name, default)
-        if value is not default and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise ConfigError(f"{self.where}.{name}: expected {kind.__name__}, got {value!r}")
-        return value
-
-    def require(self, name: str, kind: type) -> Any:
-        if name not in self.data:
-            raise ConfigError(f"{self.where}.{name}: required")
-        return self.get(name, kind)
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.where}.{unknown[0]}: unknown setting")
-
-
 def parse_config(data: Mapping[str, Any], base: Path) -> BridgeConfig:
     """Validate the parsed TOML; relative paths are taken relative to ``base``."""
-    root = _Table(dict(data), "config")
-    log = _Table(root.get("log", dict, {}), "log")
-    bridge = _Table(root.get("bridge", dict, {}), "bridge")
+    root = Table(dict(data), "config")
+    log = Table(root.get("log", dict, {}), "log")
+    bridge = Table(root.get("bridge", dict, {}), "bridge")
     entries = root.get("servers", list, [])
     root.finish()
 
-    log_format = log.get("format", str, "json")
-    if log_format not in LOG_FORMATS:
-        raise ConfigError(f"log.format: expected 'json' or 'text', got {log_format!r}")
-    log_level = log.get("level", str, "INFO").upper()
-    if not isinstance(logging.getLevelName(log_level), int):
-        raise ConfigError(f"log.level: unknown level {log_level!r}")
+    log_format, log_level = log_settings(log)
     log.finish()
 
     max_concurrent = bridge.get("max_concurrent", int, DEFAULT_MAX_CONCURRENT)
@@ -176,7 +130,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> BridgeConfig:
         raise ConfigError("servers: at least one [[servers]] entry is required")
     servers: dict[tuple[IpAddress, int], ServerEntry] = {}
     for index, entry in enumerate(entries):
-        server = _parse_server(_Table(entry, f"servers[{index}]"), base)
+        server = _parse_server(Table(entry, f"servers[{index}]"), base)
         key = (server.address, server.port)
         if key in servers:
             raise ConfigError(f"servers[{index}]: {server.label} is configured twice")
@@ -184,7 +138,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> BridgeConfig:
     return BridgeConfig(servers, max_concurrent, log_format, log_level)
 
 
-def _parse_server(table: _Table, base: Path) -> ServerEntry:
+def _parse_server(table: Table, base: Path) -> ServerEntry:
     where = table.where
     raw_address = table.require("address", str)
     try:
