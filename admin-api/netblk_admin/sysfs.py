@@ -42,8 +42,6 @@ TUNABLE_ATTRS = ("request_timeout_ms", "dead_timeout_ms", "reconnect_retries")
 CONFIG_ATTRS = TARGET_ATTRS + TUNABLE_ATTRS
 ACTIONS = ("connect", "disconnect")
 WRITABLE = frozenset(CONFIG_ATTRS + ACTIONS)
-#: ``stats`` keys that are levels, not cumulative counts.
-GAUGE_STATS = frozenset({"inflight"})
 
 
 class DeviceNotFound(LookupError):
