@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import targets
+from machine import cpuinfo, first_line
 from profiles import PROFILE_BY_NAME, PROFILES, Profile
 
 #: storaged is sampled for py-spy while this profile runs (one extra run).
@@ -86,36 +87,23 @@ def profile_storaged(device: targets.Device, args: argparse.Namespace, results: 
 
 
 def facts(results: Path, devices: list[targets.Device]) -> None:
-    def version(*argv: str) -> str:
-        try:
-            return targets.run(*argv).strip().splitlines()[0]
-        except (RuntimeError, OSError, IndexError):
-            return "?"
-
     def package(name: str) -> str:
-        return version("dpkg-query", "-W", "-f=${Version}", name)
+        return first_line("dpkg-query", "-W", "-f=${Version}", name)
 
-    cpu_flags = ""
-    cpu_model = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags") and not cpu_flags:
-            cpu_flags = line
-        if line.startswith("model name") and cpu_model == "?":
-            cpu_model = line.split(":", 1)[1].strip()
     info = {
         "guest_kernel": platform.release(),
         "guest_cpus": os.cpu_count(),
-        "guest_cpu_model": cpu_model,
-        "guest_cpu_aes": " aes " in cpu_flags + " ",
+        "guest_cpu_model": cpuinfo("model name"),
+        "guest_cpu_aes": "aes" in cpuinfo("flags").split(),
         "guest_memory_kib": int(Path("/proc/meminfo").read_text().split()[1]),
         "python": sys.version.split()[0],
-        "fio": version("fio", "--version"),
+        "fio": first_line("fio", "--version"),
         "nbd-server": package("nbd-server"),
         "nbd-client": package("nbd-client"),
         "cryptsetup": package("cryptsetup-bin"),
         "openssl": package("openssl"),
         "gnutls": package("libgnutls30"),
-        "py-spy": version(str(targets.VENV_BIN / "py-spy"), "--version"),
+        "py-spy": first_line(str(targets.VENV_BIN / "py-spy"), "--version"),
         "targets": {d.name: d.label for d in devices},
         "profiles": {p.name: p.title for p in PROFILES},
         "profiled": PROFILED.title,

@@ -15,11 +15,12 @@ import collections
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt  # headless: picks the Agg backend
+from machine import cpuinfo, first_line
 from profiles import PROFILES, Measurement, Profile
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -33,23 +34,8 @@ TOP_FRAMES = 15
 
 
 def host_facts(results: Path) -> None:
-    def first_line(*argv: str) -> str:
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return "?"
-        return out.strip().splitlines()[0] if out.strip() else "?"
-
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
     facts = {
-        "host_cpu_model": model,
+        "host_cpu_model": cpuinfo("model name"),
         "host_cpus": os.cpu_count(),
         "host_memory_gib": round(
             os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1
@@ -62,27 +48,26 @@ def host_facts(results: Path) -> None:
     (results / "host.json").write_text(json.dumps(facts, indent=1))
 
 
-def load(results: Path) -> dict[str, dict[str, list[Measurement]]]:
-    """target -> profile -> one Measurement per repeat."""
-    runs: dict[str, dict[str, list[Measurement]]] = collections.defaultdict(dict)
+Reports = dict[str, dict[str, list[dict[str, Any]]]]
+
+
+def load(results: Path) -> Reports:
+    """target -> profile -> fio's JSON report of each repeat."""
+    reports: Reports = collections.defaultdict(dict)
     for target in TARGETS:
         for profile in PROFILES:
             files = sorted((results / "fio" / target).glob(f"{profile.name}.*.json"))
-            runs[target][profile.name] = [
-                Measurement.from_fio(json.loads(f.read_text())) for f in files
-            ]
-    return runs
+            reports[target][profile.name] = [json.loads(f.read_text()) for f in files]
+    return reports
 
 
-def peak_rss_kib(results: Path) -> dict[str, int]:
-    peaks: dict[str, int] = {}
-    for profile in PROFILES:
-        for f in (results / "fio" / "netblk").glob(f"{profile.name}.*.json"):
-            extra = json.loads(f.read_text()).get("netblk_bench", {})
-            peaks[profile.name] = max(
-                peaks.get(profile.name, 0), extra.get("storaged_peak_rss_kib", 0)
-            )
-    return peaks
+def peak_rss_kib(netblk: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """profile -> storaged's peak RSS over its repeats (guest.py adds it)."""
+    return {
+        profile: max(r.get("netblk_bench", {}).get("storaged_peak_rss_kib", 0) for r in runs)
+        for profile, runs in netblk.items()
+        if runs
+    }
 
 
 def headline(profile: Profile, m: Measurement) -> float:
@@ -144,7 +129,11 @@ def ratio(a: float, b: float) -> str:
 
 
 def render(results: Path, chart_path: Path, doc: Path) -> str:
-    runs = load(results)
+    reports = load(results)
+    runs = {
+        t: {p: [Measurement.from_fio(r) for r in rs] for p, rs in by.items()}
+        for t, by in reports.items()
+    }
     medians = {
         t: {p: Measurement.median_of(ms) for p, ms in by.items() if ms} for t, by in runs.items()
     }
@@ -182,7 +171,7 @@ def render(results: Path, chart_path: Path, doc: Path) -> str:
                 f"| >= {goal}x {peer} | {profile.name} | {net:,.0f} {unit} | "
                 f"{other:,.0f} {unit} | {ratio(net, other)} | {met} |"
             )
-    peaks = peak_rss_kib(results)
+    peaks = peak_rss_kib(reports["netblk"])
     if peaks:
         worst = max(peaks.values())
         out += [

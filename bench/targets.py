@@ -37,6 +37,8 @@ STARTUP_WAIT = 600.0
 NETBLK_PORT = 10910
 NBD_TLS_PORT = 10809
 NBD_PLAIN_PORT = 10810
+#: cryptsetup's default LUKS2 header and keyslot area, before the data.
+LUKS2_HEADER = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -278,8 +280,7 @@ def nbd_client(device: str, port: int, *tls_args: str | Path) -> Iterator[None]:
 def nbd_tls(root: Path, pki: Pki, size: str) -> Iterator[Device]:
     work = root / "nbd-tls"
     work.mkdir()
-    backing = work / "data.luks"
-    os.truncate(_create(backing), _bytes(size) + (16 << 20))  # + the LUKS2 header
+    backing = _sparse_file(work / "data.luks", size, LUKS2_HEADER)
     key = work / "volume.pass"
     key.write_text(PASSPHRASE)
     run(
@@ -331,8 +332,7 @@ def nbd_tls(root: Path, pki: Pki, size: str) -> Iterator[Device]:
 def nbd_plain(root: Path, size: str) -> Iterator[Device]:
     work = root / "nbd"
     work.mkdir()
-    backing = work / "data.img"
-    os.truncate(_create(backing), _bytes(size))
+    backing = _sparse_file(work / "data.img", size)
     with (
         nbd_server(work, NBD_PLAIN_PORT, str(backing)) as pid,
         nbd_client("/dev/nbd1", NBD_PLAIN_PORT),
@@ -344,8 +344,7 @@ def nbd_plain(root: Path, size: str) -> Iterator[Device]:
 def loop(root: Path, size: str) -> Iterator[Device]:
     work = root / "loop"
     work.mkdir()
-    backing = work / "data.img"
-    os.truncate(_create(backing), _bytes(size))
+    backing = _sparse_file(work / "data.img", size)
     device = run("losetup", "--find", "--show", "--sector-size", "4096", backing).strip()
     try:
         yield Device("loop", "loop device (ceiling)", device)
@@ -353,11 +352,9 @@ def loop(root: Path, size: str) -> Iterator[Device]:
         run("losetup", "--detach", device)
 
 
-def _create(path: Path) -> Path:
-    path.touch(exist_ok=False)
-    return path
-
-
-def _bytes(size: str) -> int:
+def _sparse_file(path: Path, size: str, extra: int = 0) -> Path:
+    """A new file of ``size`` ("512M", "1G") plus ``extra`` bytes, all holes."""
     units = {"M": 1 << 20, "G": 1 << 30}
-    return int(size[:-1]) * units[size[-1]]
+    path.touch(exist_ok=False)
+    os.truncate(path, int(size[:-1]) * units[size[-1]] + extra)
+    return path
