@@ -43,7 +43,8 @@ from typing import Any, NamedTuple
 from argon2.exceptions import HashingError
 from argon2.low_level import Type as Argon2Type
 from argon2.low_level import hash_secret_raw
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from storaged import _xts
 
 # --------------------------------------------------------------------------
 # Format constants (lib/luks2/luks2.h and cryptsetup 2.6 defaults)
@@ -107,7 +108,6 @@ SECTOR_SIZE = 4096
 IV_UNIT = 512
 #: plain64 is a 64-bit little-endian counter zero-padded to the 16-byte tweak.
 _PLAIN64_LIMIT = 1 << 64
-_XTS_TWEAK_SIZE = 16
 #: Supported data-segment sector sizes (powers of two, dm-crypt's range).
 MIN_SECTOR_SIZE = 512
 MAX_SECTOR_SIZE = 4096
@@ -219,12 +219,11 @@ class SectorCipher:
 
     The tweak of a sector is ``segment_offset // 512 + iv_tweak`` (plain64
     counts 512-byte units even with 4096-byte sectors), zero-padded to 16
-    bytes little-endian.  OpenSSL can only change an XTS tweak by building a
-    new context, so each sector costs one context; the AES key object is
-    built once and shared, which is the cheap part we can avoid repeating.
+    bytes little-endian.  A whole run of sectors goes through one OpenSSL
+    context in one call (``storaged._xts``), with the GIL released.
     """
 
-    __slots__ = ("_algorithm", "_iv_tweak", "_sector_size", "_units_per_sector")
+    __slots__ = ("_iv_tweak", "_key", "_sector_size", "_units_per_sector")
 
     def __init__(self, volume_key: bytes, sector_size: int = SECTOR_SIZE, iv_tweak: int = 0):
         if len(volume_key) not in XTS_KEY_SIZES:
@@ -236,7 +235,7 @@ class SectorCipher:
             raise Luks2Error(f"unsupported sector size {sector_size}")
         if iv_tweak < 0:
             raise Luks2Error(f"negative iv_tweak {iv_tweak}")
-        self._algorithm = algorithms.AES(volume_key)
+        self._key = bytes(volume_key)
         self._sector_size = sector_size
         self._units_per_sector = sector_size // IV_UNIT
         self._iv_tweak = iv_tweak
@@ -252,8 +251,7 @@ class SectorCipher:
     def _crypt(
         self, segment_offset: int, data: bytes | bytearray | memoryview, *, encrypt: bool
     ) -> bytes:
-        view = memoryview(data).cast("B")
-        length = len(view)
+        length = memoryview(data).nbytes
         size = self._sector_size
         if segment_offset < 0 or segment_offset % size or length % size:
             raise Luks2Error(
@@ -264,17 +262,7 @@ class SectorCipher:
         first = segment_offset // IV_UNIT + self._iv_tweak
         if first + (length // size) * step > _PLAIN64_LIMIT:
             raise Luks2Error(f"offset {segment_offset} is beyond the plain64 IV range")
-        algorithm = self._algorithm
-        xts = modes.XTS
-        context = Cipher.encryptor if encrypt else Cipher.decryptor
-        return b"".join(
-            [
-                context(
-                    Cipher(algorithm, xts((first + k * step).to_bytes(_XTS_TWEAK_SIZE, "little")))
-                ).update(view[pos : pos + size])
-                for k, pos in enumerate(range(0, length, size))
-            ]
-        )
+        return _xts.crypt(self._key, data, size, first, step, encrypt)
 
 
 def _valid_sector_size(size: int) -> bool:

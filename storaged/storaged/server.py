@@ -1,5 +1,7 @@
 """storaged's lifecycle: unlock volumes, listen, serve, shut down cleanly.
 
+The event loop accepts connections, answers the control socket and handles
+signals; every accepted connection is served by a Session on its own thread.
 Shutdown (SIGTERM or SIGINT): stop accepting, stop reading new requests,
 let in-flight requests finish and their replies go out, fdatasync every
 volume, then close.  The control socket answers with a JSON stats snapshot.
@@ -13,11 +15,12 @@ import json
 import logging
 import os
 import signal
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from storaged import tls_alerts
 from storaged.cache import SectorCache
 from storaged.config import Config, ExportConfig
 from storaged.login import Gatekeeper
@@ -31,8 +34,10 @@ from storaged.volume import Volume
 
 log = logging.getLogger(__name__)
 
-#: Reader buffer per connection; the codec never holds more than a frame + this.
-STREAM_LIMIT = 1 << 20
+#: Connections the kernel may queue before we accept them.
+LISTEN_BACKLOG = 128
+#: How often shutdown checks whether the connection threads have ended.
+SHUTDOWN_POLL = 0.05
 #: How long a flush during shutdown may take per volume before we give up.
 FLUSH_TIMEOUT = 60.0
 
@@ -75,7 +80,9 @@ class StorageServer:
         self.gatekeeper = Gatekeeper(config.clients, config.exports, config.login)
         self.exports: dict[str, Export] = {}
         self._servers: list[asyncio.Server] = []
-        self._sessions: dict[Session, asyncio.Task[None]] = {}
+        self._listeners: list[socket.socket] = []
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._sessions: dict[Session, threading.Thread] = {}
         self._stopped = asyncio.Event()
         self.addresses: list[tuple[str, int]] = []
 
@@ -108,11 +115,6 @@ class StorageServer:
             )
 
     async def start(self) -> None:
-        if not tls_alerts.install():
-            log.warning(
-                "cannot patch asyncio: refused TLS clients get no alert",
-                extra={"event": "tls_alerts_unpatched"},
-            )
         tls = server_context(self.config.tls.cert, self.config.tls.key, self.config.tls.ca)
         limits = SessionLimits(
             max_inflight=self.config.max_inflight,
@@ -120,40 +122,74 @@ class StorageServer:
             max_payload=self.config.max_payload,
             login_timeout=self.config.login.timeout,
         )
+        loop = asyncio.get_running_loop()
 
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            session = Session(
-                reader,
-                writer,
-                tls=tls,
-                gatekeeper=self.gatekeeper,
-                exports=self.exports,
-                limits=limits,
-                pool=self.pool,
-                stats=self.stats,
-            )
-            self._sessions[session] = asyncio.current_task()  # type: ignore[assignment]
-            self.stats.connections_open += 1
-            self.stats.connections_total += 1
-            try:
-                await session.run()
-            finally:
-                self.stats.connections_open -= 1
-                del self._sessions[session]
+        async def accept(listener: socket.socket) -> None:
+            while True:
+                conn, peer = await loop.sock_accept(listener)
+                conn.setblocking(True)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                session = Session(
+                    conn,
+                    peer,
+                    tls=tls,
+                    gatekeeper=self.gatekeeper,
+                    exports=self.exports,
+                    limits=limits,
+                    pool=self.pool,
+                    stats=self.stats,
+                )
+                thread = threading.Thread(
+                    target=self._serve_session,
+                    args=(session,),
+                    name=f"storaged-conn {session.peer}",
+                    daemon=True,
+                )
+                self._sessions[session] = thread
+                thread.start()
 
         for host in self.config.listen:
-            server = await asyncio.start_server(
-                accept, host, self.config.port, limit=STREAM_LIMIT, reuse_address=True
-            )
-            self._servers.append(server)
-            for sock in server.sockets:
-                self.addresses.append(sock.getsockname()[:2])
+            for listener in await self._listen(host, self.config.port):
+                self._listeners.append(listener)
+                self.addresses.append(listener.getsockname()[:2])
+                self._acceptors.append(asyncio.create_task(accept(listener)))
         if self.config.control_socket is not None:
             await self._start_control(self.config.control_socket)
         log.info(
             "storaged listening",
             extra={"event": "listening", "addresses": [f"{h}:{p}" for h, p in self.addresses]},
         )
+
+    def _serve_session(self, session: Session) -> None:
+        self.stats.connection_opened()
+        try:
+            session.run()
+        finally:
+            self.stats.connection_closed()
+            del self._sessions[session]
+
+    @staticmethod
+    async def _listen(host: str, port: int) -> list[socket.socket]:
+        """Listening sockets for every address ``host`` resolves to."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        listeners: list[socket.socket] = []
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            listener = socket.socket(family, kind, proto)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # "::" must not also claim IPv4
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind(address)
+                listener.listen(LISTEN_BACKLOG)
+                listener.setblocking(False)
+            except OSError:
+                listener.close()
+                for opened in listeners:
+                    opened.close()
+                raise
+            listeners.append(listener)
+        return listeners
 
     async def _start_control(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,15 +235,18 @@ class StorageServer:
 
     async def shutdown(self) -> None:
         log.info("shutting down", extra={"event": "shutdown", "sessions": len(self._sessions)})
+        for acceptor in self._acceptors:
+            acceptor.cancel()
+        for listener in self._listeners:
+            listener.close()
         for server in self._servers:
             server.close()
         for session in list(self._sessions):
             session.stop()
-        tasks = list(self._sessions.values())
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
-            for task in pending:
-                task.cancel()
+        if not await self._sessions_ended(self.config.shutdown_timeout):
+            for session in list(self._sessions):
+                session.abort()
+            await self._sessions_ended(FLUSH_TIMEOUT)
         loop = asyncio.get_running_loop()
         for export in self.exports.values():
             await asyncio.wait_for(
@@ -217,3 +256,10 @@ class StorageServer:
         if self.config.control_socket is not None:
             self.config.control_socket.unlink(missing_ok=True)
         log.info("stopped", extra={"event": "stopped"})
+
+    async def _sessions_ended(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for every connection thread to end."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(SHUTDOWN_POLL)
+        return not self._sessions

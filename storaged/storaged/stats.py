@@ -1,8 +1,10 @@
-"""Per-export and per-client counters, updated on the event loop thread only
-(so they need no lock) and read by operators through the control socket."""
+"""Per-export and per-client counters, updated by every connection thread
+under one lock (a batch of requests at a time) and read by operators through
+the control socket."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,6 +14,11 @@ from storaged.protocol.constants import Cmd, Errno
 
 #: Latency buckets are powers of two of microseconds: 1 us .. ~68 s.
 LATENCY_BUCKETS = 27
+
+#: One request as a session reports it: op, length, outcome, cache hit
+#: (None if the cache was not asked), seconds spent.
+RequestRecord = tuple[Cmd, int, Errno, bool | None, float]
+_OP_KEYS = {cmd: cmd.name.lower() for cmd in Cmd}
 
 
 @dataclass
@@ -67,7 +74,7 @@ class IoCounters:
     def record(
         self, op: Cmd, length: int, error: Errno, cache_hit: bool | None, seconds: float
     ) -> None:
-        self.requests[op.name.lower()] += 1
+        self.requests[_OP_KEYS[op]] += 1
         if error is not Errno.OK:
             self.errors += 1
         elif op is Cmd.READ:
@@ -112,22 +119,41 @@ class ServerStats:
     exports: dict[str, IoCounters] = field(default_factory=dict)
     clients: dict[str, IoCounters] = field(default_factory=dict)
 
-    def record_request(
-        self,
-        export: str,
-        client: str,
-        op: Cmd,
-        length: int,
-        error: Errno,
-        cache_hit: bool | None,
-        seconds: float,
-    ) -> None:
-        for counters in self._counters(export, client):
-            counters.record(op, length, error, cache_hit, seconds)
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # protects every field above
+
+    def connection_opened(self) -> None:
+        with self._lock:
+            self.connections_open += 1
+            self.connections_total += 1
+
+    def connection_closed(self) -> None:
+        with self._lock:
+            self.connections_open -= 1
+
+    def login_ok(self) -> None:
+        with self._lock:
+            self.logins_ok += 1
+
+    def login_failed(self, reason: str) -> None:
+        with self._lock:
+            self.logins_failed[reason] += 1
+
+    def protocol_error(self) -> None:
+        with self._lock:
+            self.protocol_errors += 1
+
+    def record_requests(self, export: str, client: str, records: list[RequestRecord]) -> None:
+        with self._lock:
+            for counters in self._counters(export, client):
+                record = counters.record
+                for op, length, error, cache_hit, seconds in records:
+                    record(op, length, error, cache_hit, seconds)
 
     def record_refusal(self, export: str, client: str) -> None:
-        for counters in self._counters(export, client):
-            counters.record_refusal()
+        with self._lock:
+            for counters in self._counters(export, client):
+                counters.record_refusal()
 
     def _counters(self, export: str, client: str) -> tuple[IoCounters, IoCounters]:
         for table, key in ((self.exports, export), (self.clients, client)):
@@ -136,13 +162,14 @@ class ServerStats:
         return self.exports[export], self.clients[client]
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "uptime_s": round(time.time() - self.started, 3),
-            "connections_open": self.connections_open,
-            "connections_total": self.connections_total,
-            "logins_ok": self.logins_ok,
-            "logins_failed": dict(sorted(self.logins_failed.items())),
-            "protocol_errors": self.protocol_errors,
-            "exports": {k: v.as_dict() for k, v in sorted(self.exports.items())},
-            "clients": {k: v.as_dict() for k, v in sorted(self.clients.items())},
-        }
+        with self._lock:
+            return {
+                "uptime_s": round(time.time() - self.started, 3),
+                "connections_open": self.connections_open,
+                "connections_total": self.connections_total,
+                "logins_ok": self.logins_ok,
+                "logins_failed": dict(sorted(self.logins_failed.items())),
+                "protocol_errors": self.protocol_errors,
+                "exports": {k: v.as_dict() for k, v in sorted(self.exports.items())},
+                "clients": {k: v.as_dict() for k, v in sorted(self.clients.items())},
+            }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,7 @@ from storaged.config import load_config
 from storaged.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
 from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, LoginStatus
 from storaged.server import StorageServer
+from storaged.session import Session
 from storaged.tlsconf import client_context
 from storaged.volume import ReadResult, Volume
 from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run
@@ -79,30 +81,29 @@ def test_in_flight_work_per_connection_is_bounded(
     most_requests: int | None,
     most_bytes: int | None,
 ) -> None:
-    """With storage stalled, a client pipelining 64 reads gets at most the
-    configured number of requests (or bytes) into the server; the rest wait
-    in TCP, and everything completes once storage resumes."""
-    # Enough workers that the limit under test, not the pool, is what binds.
-    text = stack.config_path.read_text().replace("workers = 4", f"workers = 80\n{extra}", 1)
+    """A client pipelines 64 reads past the advertised limit while storage is
+    stalled: the server takes in at most the configured number of requests
+    (or bytes) before it answers them, the rest wait in TCP, and everything
+    completes once storage resumes."""
+    text = stack.config_path.read_text().replace("workers = 4", f"workers = 4\n{extra}", 1)
     stack.config_path.write_text(text)
     release = threading.Event()
-    lock = threading.Lock()
-    running = [0, 0]  # requests, bytes inside storage now
-    peak = [0, 0]
     real_read = Volume.read
 
     def stalled_read(self: Volume, offset: int, size: int) -> ReadResult:
-        with lock:
-            running[0] += 1
-            running[1] += size
-            peak[0], peak[1] = max(peak[0], running[0]), max(peak[1], running[1])
         release.wait(timeout=30)
-        with lock:
-            running[0] -= 1
-            running[1] -= size
         return real_read(self, offset, size)
 
+    batches: list[tuple[int, int]] = []  # (requests, payload bytes) per answer
+    real_answer = Session._answer
+
+    def recorded_answer(self: Session, batch: Any) -> None:
+        if batch.records:
+            batches.append((len(batch.records), batch.payload))
+        real_answer(self, batch)
+
     monkeypatch.setattr(Volume, "read", stalled_read)
+    monkeypatch.setattr(Session, "_answer", recorded_answer)
 
     async def body() -> None:
         client = await stack.connect()
@@ -116,7 +117,8 @@ def test_in_flight_work_per_connection_is_bounded(
 
     with ThreadedServer(stack) as ts:
         ts.call(body())
+    assert sum(requests for requests, _ in batches) == 64
     if most_requests is not None:
-        assert peak[0] == most_requests
+        assert max(requests for requests, _ in batches) == most_requests
     if most_bytes is not None:
-        assert peak[1] == most_bytes
+        assert max(size for _, size in batches) == most_bytes
