@@ -37,6 +37,14 @@ class LatencyHistogram:
         self.total_us += micros
         self.max_us = max(self.max_us, micros)
 
+    def merge(self, other: LatencyHistogram) -> None:
+        self.buckets = [
+            mine + theirs for mine, theirs in zip(self.buckets, other.buckets, strict=True)
+        ]
+        self.count += other.count
+        self.total_us += other.total_us
+        self.max_us = max(self.max_us, other.max_us)
+
     def percentile(self, fraction: float) -> int:
         """Upper bound in microseconds of the bucket holding ``fraction``."""
         if not self.count:
@@ -93,6 +101,15 @@ class IoCounters:
         self.requests["refused"] += 1
         self.errors += 1
 
+    def merge(self, other: IoCounters) -> None:
+        self.requests.update(other.requests)
+        self.bytes_read += other.bytes_read
+        self.bytes_written += other.bytes_written
+        self.errors += other.errors
+        self.cache_hits += other.cache_hits
+        self.cache_misses += other.cache_misses
+        self.latency.merge(other.latency)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": dict(sorted(self.requests.items())),
@@ -108,7 +125,11 @@ class IoCounters:
 
 @dataclass
 class ServerStats:
-    """Everything storaged counts; ``snapshot`` is what operators see."""
+    """Everything storaged counts; ``snapshot`` is what operators see.
+
+    Requests are counted once, per (export, client) pair; the per-export and
+    per-client views are summed when a snapshot is taken.
+    """
 
     started: float = field(default_factory=time.time)
     connections_open: int = 0
@@ -116,8 +137,7 @@ class ServerStats:
     logins_ok: int = 0
     logins_failed: Counter[str] = field(default_factory=Counter)
     protocol_errors: int = 0
-    exports: dict[str, IoCounters] = field(default_factory=dict)
-    clients: dict[str, IoCounters] = field(default_factory=dict)
+    pairs: dict[tuple[str, str], IoCounters] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # protects every field above
@@ -145,24 +165,27 @@ class ServerStats:
 
     def record_requests(self, export: str, client: str, records: list[RequestRecord]) -> None:
         with self._lock:
-            for counters in self._counters(export, client):
-                record = counters.record
-                for op, length, error, cache_hit, seconds in records:
-                    record(op, length, error, cache_hit, seconds)
+            record = self._pair(export, client).record
+            for op, length, error, cache_hit, seconds in records:
+                record(op, length, error, cache_hit, seconds)
 
     def record_refusal(self, export: str, client: str) -> None:
         with self._lock:
-            for counters in self._counters(export, client):
-                counters.record_refusal()
+            self._pair(export, client).record_refusal()
 
-    def _counters(self, export: str, client: str) -> tuple[IoCounters, IoCounters]:
-        for table, key in ((self.exports, export), (self.clients, client)):
-            if key not in table:
-                table[key] = IoCounters()
-        return self.exports[export], self.clients[client]
+    def _pair(self, export: str, client: str) -> IoCounters:
+        counters = self.pairs.get((export, client))
+        if counters is None:
+            counters = self.pairs[export, client] = IoCounters()
+        return counters
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            exports: dict[str, IoCounters] = {}
+            clients: dict[str, IoCounters] = {}
+            for (export, client), counters in self.pairs.items():
+                exports.setdefault(export, IoCounters()).merge(counters)
+                clients.setdefault(client, IoCounters()).merge(counters)
             return {
                 "uptime_s": round(time.time() - self.started, 3),
                 "connections_open": self.connections_open,
@@ -170,6 +193,6 @@ class ServerStats:
                 "logins_ok": self.logins_ok,
                 "logins_failed": dict(sorted(self.logins_failed.items())),
                 "protocol_errors": self.protocol_errors,
-                "exports": {k: v.as_dict() for k, v in sorted(self.exports.items())},
-                "clients": {k: v.as_dict() for k, v in sorted(self.clients.items())},
+                "exports": {k: v.as_dict() for k, v in sorted(exports.items())},
+                "clients": {k: v.as_dict() for k, v in sorted(clients.items())},
             }

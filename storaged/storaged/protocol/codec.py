@@ -9,8 +9,10 @@ about validity lives here, so every shell enforces it the same way.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from storaged.protocol.constants import (
     BLOCK_SIZE,
@@ -45,6 +47,20 @@ ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
     Cmd.DISCONNECT: CmdFlag(0),
 }
+# Hot-path lookups: constructing an enum member by value is slow.
+_CMDS: dict[int, Cmd] = {int(cmd): cmd for cmd in Cmd}
+_ALLOWED_BITS: dict[Cmd, int] = {cmd: int(flags) for cmd, flags in ALLOWED_FLAGS.items()}
+_CMD_FLAGS: dict[int, CmdFlag] = {}
+
+
+def _cmd_flags(bits: int) -> CmdFlag:
+    """``CmdFlag(bits)`` for bits already checked against ALLOWED_FLAGS, memoized."""
+    flags = _CMD_FLAGS.get(bits)
+    if flags is None:
+        flags = _CMD_FLAGS[bits] = CmdFlag(bits)
+    return flags
+
+
 #: Opcodes that change data, refused with EPERM on a read-only export.
 MUTATING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 #: Opcodes whose length addresses a range of the export.
@@ -212,6 +228,10 @@ class _Buffer:
     def peek(self, size: int) -> memoryview:
         return memoryview(self._data)[self._pos : self._pos + size]
 
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Decode the fixed header at the front, without consuming it."""
+        return layout.unpack_from(self._data, self._pos)
+
     def end(self, peer: str) -> ConnectionClosed | NeedData:
         """What a frame that needs more bytes means: wait, a clean close, or
         (bytes left over at EOF) a broken frame."""
@@ -222,12 +242,15 @@ class _Buffer:
         return ConnectionClosed()
 
     def take(self, size: int) -> bytes:
-        chunk = bytes(self._data[self._pos : self._pos + size])
+        chunk = bytes(memoryview(self._data)[self._pos : self._pos + size])
+        self.skip(size)
+        return chunk
+
+    def skip(self, size: int) -> None:
         self._pos += size
         if self._pos > len(self._data) // 2:
             del self._data[: self._pos]
             self._pos = 0
-        return chunk
 
 
 class _State(enum.Enum):
@@ -350,9 +373,7 @@ class ServerConnection:
         assert self._geometry is not None
         if len(self._buf) < REQUEST.size:
             return self._closed_or_need_data()
-        magic, flags, opcode, handle, offset, length, reserved = REQUEST.layout.unpack(
-            self._buf.peek(REQUEST.size)
-        )
+        magic, flags, opcode, handle, offset, length, reserved = self._buf.unpack(REQUEST.layout)
         if magic != REQUEST_MAGIC:
             self._state = _State.CLOSED
             raise ProtocolError(f"bad request magic {magic:#010x}")
@@ -362,7 +383,7 @@ class ServerConnection:
             raise ProtocolError(f"WRITE of {length} bytes exceeds max payload")
         if has_payload and len(self._buf) < REQUEST.size + length:
             return self._closed_or_need_data()
-        self._buf.take(REQUEST.size)
+        self._buf.skip(REQUEST.size)
         data = self._buf.take(length) if has_payload else b""
         if handle in self._inflight:
             self._state = _State.CLOSED
@@ -371,25 +392,24 @@ class ServerConnection:
         if error is not Errno.OK:
             self._inflight.add(handle)
             return InvalidRequest(handle=handle, opcode=opcode, error=error, reason=reason)
-        cmd = Cmd(opcode)
+        cmd = _CMDS[opcode]
         if cmd is Cmd.DISCONNECT:
             self._state = _State.DISCONNECTING
             return Disconnect()
         self._inflight.add(handle)
-        return Request(cmd, CmdFlag(flags), handle, offset, length, data)
+        return Request(cmd, _cmd_flags(flags), handle, offset, length, data)
 
 
 def _check_request(
     geometry: ExportGeometry, opcode: int, flags: int, offset: int, length: int, reserved: int
 ) -> tuple[Errno, str]:
     """Why a well-framed request must be refused, as (errno, reason)."""
-    try:
-        cmd = Cmd(opcode)
-    except ValueError:
+    cmd = _CMDS.get(opcode)
+    if cmd is None:
         return Errno.INVAL, f"unknown opcode {opcode}"
     if reserved:
         return Errno.INVAL, "non-zero reserved field"
-    if flags & ~int(ALLOWED_FLAGS[cmd]):  # ~IntFlag keeps only known bits
+    if flags & ~_ALLOWED_BITS[cmd]:
         return Errno.INVAL, f"flags {flags:#x} not valid for {cmd.name}"
     needed = REQUIRED_EXPORT_FLAG.get(cmd)
     if needed is not None and not geometry.flags & needed:
