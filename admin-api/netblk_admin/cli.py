@@ -10,14 +10,13 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import uvicorn
 
 from netblk_admin.app import create_app
 from netblk_admin.config import DEFAULT_CONFIG, load_config
 from storaged.logs import setup_logging
-from storaged.tomlconf import ConfigError
+from storaged.tomlconf import ConfigError, add_config_arguments
 
 log = logging.getLogger("netblk_admin")
 
@@ -37,16 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="netblk-admin-api",
         description="netblk admin API: REST control of netblk.ko over sysfs.",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"TOML config (default {DEFAULT_CONFIG})",
-    )
-    parser.add_argument("--log-format", choices=("json", "text"), help="overrides [log] format")
-    parser.add_argument(
-        "--check-config", action="store_true", help="validate the config and its files, then exit"
-    )
+    add_config_arguments(parser, DEFAULT_CONFIG)
     return parser
 
 

@@ -15,7 +15,7 @@ from storaged import volume_cli
 from storaged.config import DEFAULT_CONTROL_SOCKET, Config, load_config
 from storaged.logs import setup_logging
 from storaged.server import StorageServer
-from storaged.tomlconf import ConfigError
+from storaged.tomlconf import LOG_FORMATS, ConfigError
 
 log = logging.getLogger("storaged")
 
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, help="TCP port (overrides [server] port)")
     parser.add_argument("--control-socket", type=Path, help="stats socket path")
-    parser.add_argument("--log-format", choices=("json", "text"), help="log line format")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="log line format")
     parser.set_defaults(func=serve)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = commands.add_parser("check-config", help="validate the config and exit")

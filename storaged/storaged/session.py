@@ -190,9 +190,9 @@ class Session:
 
     def _finish(self) -> None:
         """Let pool work end, flush after a DISCONNECT, close."""
-        replies = self._drain_pool(block=True)
+        finished = self._drain_pool(block=True)
         with contextlib.suppress(OSError):
-            self._send(replies)
+            self._answer(finished)
         if self._flush_on_close and self._export is not None:
             try:
                 self._export.volume.flush()
@@ -320,22 +320,20 @@ class Session:
             return
         started = time.perf_counter()
         outcome = execute(self._export.volume, request)
+        self._complete(batch, request, outcome, time.perf_counter() - started)
+
+    def _complete(self, batch: _Batch, request: Request, outcome: Outcome, seconds: float) -> None:
+        """Queue the reply to a request that ran, and count it."""
         batch.records.append(
-            (
-                request.opcode,
-                request.length,
-                outcome.error,
-                outcome.cache_hit,
-                time.perf_counter() - started,
-            )
+            (request.opcode, request.length, outcome.error, outcome.cache_hit, seconds)
         )
         batch.replies.append(self._conn.send_reply(request.handle, outcome.error))
         if outcome.data:
             batch.replies.append(outcome.data)
 
     def _answer(self, batch: _Batch) -> None:
-        assert self._export is not None
         if batch.records:
+            assert self._export is not None
             self._stats.record_requests(self._export.name, self.client or "?", batch.records)
         self._send(batch.replies)
 
@@ -352,7 +350,7 @@ class Session:
             readable, _, _ = select.select([tls_sock.fileno(), self._wakeup], [], [])
             if self._wakeup in readable:
                 os.eventfd_read(self._wakeup)
-                self._send(self._drain_pool(block=False))
+                self._answer(self._drain_pool(block=False))
             if tls_sock.fileno() in readable:
                 break
         data = tls_sock.recv(READ_CHUNK)
@@ -390,21 +388,14 @@ class Session:
 
         self._pool.submit(execute, volume, request).add_done_callback(done)
 
-    def _drain_pool(self, *, block: bool) -> list[bytes]:
-        """Replies for the pool's finished requests (all of them if ``block``)."""
-        replies: list[bytes] = []
-        records: list[RequestRecord] = []
+    def _drain_pool(self, *, block: bool) -> _Batch:
+        """The pool's finished requests (all of them if ``block``), answered."""
+        batch = _Batch()
         while self._on_pool and (block or not self._finished.empty()):
             item = self._finished.get()
             self._on_pool -= 1
-            request, outcome = item.request, item.outcome
-            records.append(
-                (request.opcode, request.length, outcome.error, outcome.cache_hit, item.seconds)
-            )
-            replies.append(self._conn.send_reply(request.handle, outcome.error))
-        if records and self._export is not None:
-            self._stats.record_requests(self._export.name, self.client or "?", records)
-        return replies
+            self._complete(batch, item.request, item.outcome, item.seconds)
+        return batch
 
     def _refuse(self, invalid: InvalidRequest) -> bytes:
         self._log(

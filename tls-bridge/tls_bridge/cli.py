@@ -8,10 +8,9 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from storaged.logs import setup_logging
-from storaged.tomlconf import ConfigError
+from storaged.tomlconf import ConfigError, add_config_arguments
 from tls_bridge.config import DEFAULT_CONFIG, BridgeConfig, load_config
 from tls_bridge.daemon import Bridge
 from tls_bridge.netlink import GenlUpcall, UpcallUnavailable
@@ -24,16 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tls-bridge",
         description="netblk handshake helper: TLS 1.3 + login for netblk.ko, then kTLS.",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"TOML config (default {DEFAULT_CONFIG})",
-    )
-    parser.add_argument("--log-format", choices=("json", "text"), help="overrides [log] format")
-    parser.add_argument(
-        "--check-config", action="store_true", help="validate the config and its files, then exit"
-    )
+    add_config_arguments(parser, DEFAULT_CONFIG)
     return parser
 
 

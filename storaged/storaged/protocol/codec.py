@@ -225,9 +225,6 @@ class _Buffer:
             self._pos = 0
         self._data += data
 
-    def peek(self, size: int) -> memoryview:
-        return memoryview(self._data)[self._pos : self._pos + size]
-
     def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
         """Decode the fixed header at the front, without consuming it."""
         return layout.unpack_from(self._data, self._pos)
@@ -340,9 +337,7 @@ class ServerConnection:
     def _next_hello(self) -> Hello | ConnectionClosed | NeedData:
         if len(self._buf) < HELLO.size:
             return self._closed_or_need_data()
-        magic, version, flags, export_len, token_len, reserved = HELLO.layout.unpack(
-            self._buf.peek(HELLO.size)
-        )
+        magic, version, flags, export_len, token_len, reserved = self._buf.unpack(HELLO.layout)
         if magic != HELLO_MAGIC:
             self._state = _State.CLOSED
             raise ProtocolError(f"bad HELLO magic {magic:#010x}")
@@ -356,7 +351,7 @@ class ServerConnection:
             raise self._refusal(LoginStatus.BAD_REQUEST, f"token length {token_len}")
         if len(self._buf) < HELLO.size + export_len + token_len:
             return self._closed_or_need_data()
-        self._buf.take(HELLO.size)
+        self._buf.skip(HELLO.size)
         raw_name = self._buf.take(export_len)
         token = self._buf.take(token_len)
         try:
@@ -475,7 +470,7 @@ class ClientConnection:
             return self._next_hello_reply()
         if len(self._buf) < REPLY.size:
             return self._closed_or_need_data()
-        magic, error, handle = REPLY.layout.unpack(self._buf.peek(REPLY.size))
+        magic, error, handle = self._buf.unpack(REPLY.layout)
         if magic != REPLY_MAGIC:
             raise ProtocolError(f"bad reply magic {magic:#010x}")
         if handle not in self._outstanding:
@@ -487,7 +482,7 @@ class ClientConnection:
         data_len = self._read_lengths.get(handle, 0) if errno is Errno.OK else 0
         if len(self._buf) < REPLY.size + data_len:
             return self._closed_or_need_data()
-        self._buf.take(REPLY.size)
+        self._buf.skip(REPLY.size)
         data = self._buf.take(data_len) if data_len else b""
         self._outstanding.discard(handle)
         self._read_lengths.pop(handle, None)
@@ -497,8 +492,9 @@ class ClientConnection:
         if len(self._buf) < HELLO_REPLY.size:
             return self._closed_or_need_data()
         (magic, version, status, size, block_size, max_payload, flags, max_inflight) = (
-            HELLO_REPLY.layout.unpack(self._buf.take(HELLO_REPLY.size))
+            self._buf.unpack(HELLO_REPLY.layout)
         )
+        self._buf.skip(HELLO_REPLY.size)
         if magic != HELLO_MAGIC:
             raise ProtocolError(f"bad HELLO reply magic {magic:#010x}")
         try:
