@@ -344,6 +344,11 @@ class Session:
     def _receive(self) -> None:
         """Feed the codec everything the peer has sent, waiting for at least
         one TLS record (or EOF); answers pool work that finishes meanwhile."""
+        if self._stopping:
+            # Shutdown takes no new requests.  stop()'s SHUT_RD alone is not
+            # enough: Linux still hands out bytes that were already queued.
+            self._conn.receive_data(b"")
+            return
         tls_sock = self._sock
         assert isinstance(tls_sock, ssl.SSLSocket)
         while self._on_pool and not tls_sock.pending():
