@@ -307,7 +307,8 @@ void netblk_sock_kill(struct netblk_sock *nsock);
 bool netblk_sock_dead(const struct netblk_sock *nsock);
 void netblk_sock_reason(struct netblk_sock *nsock, char *buf, size_t len);
 int netblk_sock_send_rq(struct netblk_sock *nsock, struct request *rq,
-			const struct netblk_request *hdr, int *sent);
+			const struct netblk_request *hdr, bool more, int *sent);
+int netblk_sock_push(struct netblk_sock *nsock);
 void netblk_sock_disconnect(struct netblk_sock *nsock);
 int netblk_sock_recv_rq(struct netblk_sock *nsock, struct request *rq);
 void netblk_sock_start_recv(struct netblk_sock *nsock);

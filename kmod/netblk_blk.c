@@ -160,7 +160,7 @@ static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	hdr.handle = cpu_to_be64(netblk_handle(cmd, rq));
 	cmd->nc_nsock = nsock;
 	netblk_inflight_set(dev, cmd);
-	err = netblk_sock_send_rq(nsock, rq, &hdr, &sent);
+	err = netblk_sock_send_rq(nsock, rq, &hdr, !bd->last, &sent);
 	if (err) {
 		netblk_inflight_clear(dev, cmd);
 		if ((err == -ERESTARTSYS || err == -EINTR) && !sent) {
@@ -179,6 +179,25 @@ out_unlock:
 	if (sts && sts != BLK_STS_RESOURCE)
 		atomic64_inc(&dev->nd_stats.st_errors);
 	return sts;
+}
+
+/*
+ * blk-mq promised more requests (bd->last false) and then stopped: send
+ * the TLS record the earlier ones are waiting in.
+ */
+static void netblk_commit_rqs(struct blk_mq_hw_ctx *hctx)
+{
+	struct netblk_dev *dev = hctx->queue->queuedata;
+	struct netblk_sock *nsock;
+	int err;
+
+	nsock = netblk_conn_get_live(dev);
+	if (!nsock)
+		return;
+	err = netblk_sock_push(nsock);
+	if (err && err != -EPIPE)
+		netblk_sock_fail(nsock, "send failed (error %d)", err);
+	netblk_sock_put(nsock);
 }
 
 static void netblk_fail_rq(struct netblk_dev *dev, struct request *rq,
@@ -259,6 +278,7 @@ static void netblk_exit_request(struct blk_mq_tag_set *set, struct request *rq,
 
 static const struct blk_mq_ops netblk_mq_ops = {
 	.queue_rq	= netblk_queue_rq,
+	.commit_rqs	= netblk_commit_rqs,
 	.complete	= netblk_complete_rq,
 	.timeout	= netblk_timeout,
 	.init_request	= netblk_init_request,

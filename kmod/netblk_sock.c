@@ -274,9 +274,13 @@ static int netblk_sock_xmit(struct netblk_sock *nsock, struct iov_iter *iter,
  * @nsock: the live connection
  * @rq: the request
  * @hdr: its wire header, handle included
+ * @more: more frames follow at once: leave the TLS record open
  * @sent: in/out: bytes of this frame handed to the socket so far
  *
- * Takes ns_tx_lock, so frames never interleave.  A partly sent frame
+ * Takes ns_tx_lock, so frames never interleave.  With @more, kTLS keeps
+ * the frame in its open record (MSG_MORE) so that a batch of requests is
+ * sealed and sent as one record; the caller must end the batch with a
+ * frame sent without @more or with netblk_sock_push().  A partly sent frame
  * leaves the stream unusable: the caller must fail the connection unless
  * *@sent is still 0.
  *
@@ -286,9 +290,10 @@ static int netblk_sock_xmit(struct netblk_sock *nsock, struct iov_iter *iter,
  * from sock_sendmsg().
  */
 int netblk_sock_send_rq(struct netblk_sock *nsock, struct request *rq,
-			const struct netblk_request *hdr, int *sent)
+			const struct netblk_request *hdr, bool more, int *sent)
 {
 	bool data = req_op(rq) == REQ_OP_WRITE && blk_rq_bytes(rq);
+	int last_flags = more ? MSG_MORE : 0;
 	struct kvec kv = {
 		.iov_base = (void *)hdr,
 		.iov_len = sizeof(*hdr),
@@ -304,7 +309,8 @@ int netblk_sock_send_rq(struct netblk_sock *nsock, struct request *rq,
 	}
 
 	iov_iter_kvec(&from, ITER_SOURCE, &kv, 1, sizeof(*hdr));
-	err = netblk_sock_xmit(nsock, &from, data ? MSG_MORE : 0, sent);
+	err = netblk_sock_xmit(nsock, &from, data ? MSG_MORE : last_flags,
+			       sent);
 	if (err || !data)
 		goto out_unlock;
 
@@ -319,13 +325,58 @@ int netblk_sock_send_rq(struct netblk_sock *nsock, struct request *rq,
 			iov_iter_bvec(&from, ITER_SOURCE, &bvec, 1,
 				      bvec.bv_len);
 			err = netblk_sock_xmit(nsock, &from,
-					       last ? 0 : MSG_MORE, sent);
+					       last ? last_flags : MSG_MORE,
+					       sent);
 			if (err)
 				goto out_unlock;
 		}
 	}
 
 out_unlock:
+	mutex_unlock(&nsock->ns_tx_lock);
+	return err;
+}
+
+/**
+ * netblk_sock_push() - seal and send the open TLS record
+ * @nsock: the live connection
+ *
+ * Ends a batch whose last frame went out with @more (blk-mq's commit_rqs).
+ * A send of no data does not close a kTLS record on 6.1 (splice_eof came
+ * in 6.5), but setting the record type does: kTLS first pushes the record
+ * it has open, and no empty record follows since no data is given.
+ *
+ * Context: process context, may sleep.
+ * Return: 0 (also when nothing was open); -EPIPE if the connection is
+ * dead; another negative errno from sock_sendmsg().
+ */
+int netblk_sock_push(struct netblk_sock *nsock)
+{
+	union {
+		struct cmsghdr cmsg;
+		u8 buf[CMSG_SPACE(sizeof(u8))];
+	} ctl = { };
+	struct msghdr msg = {
+		.msg_control = &ctl,
+		.msg_controllen = sizeof(ctl),
+		.msg_flags = MSG_NOSIGNAL,
+	};
+	unsigned int noreclaim;
+	int err = -EPIPE;
+
+	ctl.cmsg.cmsg_level = SOL_TLS;
+	ctl.cmsg.cmsg_type = TLS_SET_RECORD_TYPE;
+	ctl.cmsg.cmsg_len = CMSG_LEN(sizeof(u8));
+	*(u8 *)CMSG_DATA(&ctl.cmsg) = TLS_RECORD_TYPE_DATA;
+	iov_iter_kvec(&msg.msg_iter, ITER_SOURCE, NULL, 0, 0);
+
+	mutex_lock(&nsock->ns_tx_lock);
+	if (!netblk_sock_dead(nsock)) {
+		noreclaim = memalloc_noreclaim_save();
+		nsock->ns_sock->sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;
+		err = sock_sendmsg(nsock->ns_sock, &msg);
+		memalloc_noreclaim_restore(noreclaim);
+	}
 	mutex_unlock(&nsock->ns_tx_lock);
 	return err;
 }

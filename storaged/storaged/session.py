@@ -19,11 +19,14 @@ GIL, so connections still run side by side.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
 import socket
 import ssl
+import struct
+import termios
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
@@ -55,6 +58,15 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 256 << 10
 #: Requests whose payload counts against ``max_inflight_bytes``.
 _PAYLOAD_OPS = frozenset((Cmd.READ, Cmd.WRITE))
+_INT = struct.Struct("i")
+
+
+def _bytes_queued(sock: ssl.SSLSocket) -> int:
+    """Bytes waiting: decrypted in OpenSSL, or still encrypted in the kernel."""
+    if pending := sock.pending():
+        return pending
+    queued = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(_INT.size))
+    return int(_INT.unpack(queued)[0])
 
 
 @dataclass(frozen=True)
@@ -362,8 +374,10 @@ class Session:
         self._conn.receive_data(data)
         # One recv returns one TLS record; take the records already queued
         # too, so that the requests they carry are answered as one batch.
+        # Asking the kernel first spares a lone request (queue depth 1) a
+        # failing non-blocking read and two mode switches.
         received = len(data)
-        if not data or received >= READ_CHUNK:
+        if not data or received >= READ_CHUNK or not _bytes_queued(tls_sock):
             return
         tls_sock.setblocking(False)
         try:
