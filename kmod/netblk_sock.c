@@ -30,6 +30,12 @@
 
 static void netblk_sock_recv_work(struct work_struct *work);
 
+/* Room for one TLS record-type control message (SOL_TLS, one byte). */
+union netblk_tls_cmsg {
+	struct cmsghdr cmsg;
+	u8 buf[CMSG_SPACE(sizeof(u8))];
+};
+
 /**
  * netblk_sock_create() - a new kernel TCP socket with a file
  * @dev: the device it will serve
@@ -242,31 +248,39 @@ void netblk_sock_reason(struct netblk_sock *nsock, char *buf, size_t len)
 	spin_unlock(&dev->nd_io_lock);
 }
 
+/*
+ * One sendmsg on behalf of the block layer: its allocations must neither
+ * recurse into I/O reclaim nor fail under memory pressure.
+ */
+static int netblk_sock_sendmsg(struct netblk_sock *nsock, struct msghdr *msg)
+{
+	struct sock *sk = nsock->ns_sock->sk;
+	unsigned int noreclaim;
+	int ret;
+
+	noreclaim = memalloc_noreclaim_save();
+	sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;
+	sk->sk_use_task_frag = false;
+	ret = sock_sendmsg(nsock->ns_sock, msg);
+	memalloc_noreclaim_restore(noreclaim);
+	return ret;
+}
+
 static int netblk_sock_xmit(struct netblk_sock *nsock, struct iov_iter *iter,
 			    int flags, int *sent)
 {
-	struct socket *sock = nsock->ns_sock;
 	struct msghdr msg = { };
-	unsigned int noreclaim;
-	int ret = 0;
+	int ret;
 
 	msg.msg_iter = *iter;
-	noreclaim = memalloc_noreclaim_save();
 	while (msg_data_left(&msg)) {
-		sock->sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;
-		sock->sk->sk_use_task_frag = false;
 		msg.msg_flags = flags | MSG_NOSIGNAL;
-		ret = sock_sendmsg(sock, &msg);
-		if (ret <= 0) {
-			if (!ret)
-				ret = -EPIPE;
-			break;
-		}
+		ret = netblk_sock_sendmsg(nsock, &msg);
+		if (ret <= 0)
+			return ret ? ret : -EPIPE;
 		*sent += ret;
-		ret = 0;
 	}
-	memalloc_noreclaim_restore(noreclaim);
-	return ret;
+	return 0;
 }
 
 /**
@@ -352,16 +366,12 @@ out_unlock:
  */
 int netblk_sock_push(struct netblk_sock *nsock)
 {
-	union {
-		struct cmsghdr cmsg;
-		u8 buf[CMSG_SPACE(sizeof(u8))];
-	} ctl = { };
+	union netblk_tls_cmsg ctl = { };
 	struct msghdr msg = {
 		.msg_control = &ctl,
 		.msg_controllen = sizeof(ctl),
 		.msg_flags = MSG_NOSIGNAL,
 	};
-	unsigned int noreclaim;
 	int err = -EPIPE;
 
 	ctl.cmsg.cmsg_level = SOL_TLS;
@@ -371,12 +381,8 @@ int netblk_sock_push(struct netblk_sock *nsock)
 	iov_iter_kvec(&msg.msg_iter, ITER_SOURCE, NULL, 0, 0);
 
 	mutex_lock(&nsock->ns_tx_lock);
-	if (!netblk_sock_dead(nsock)) {
-		noreclaim = memalloc_noreclaim_save();
-		nsock->ns_sock->sk->sk_allocation = GFP_NOIO | __GFP_MEMALLOC;
-		err = sock_sendmsg(nsock->ns_sock, &msg);
-		memalloc_noreclaim_restore(noreclaim);
-	}
+	if (!netblk_sock_dead(nsock))
+		err = netblk_sock_sendmsg(nsock, &msg);
 	mutex_unlock(&nsock->ns_tx_lock);
 	return err;
 }
@@ -426,10 +432,7 @@ void netblk_sock_disconnect(struct netblk_sock *nsock)
 static int netblk_sock_recv(struct netblk_sock *nsock, struct iov_iter *iter,
 			    u8 *type)
 {
-	union {
-		struct cmsghdr cmsg;
-		u8 buf[CMSG_SPACE(sizeof(u8))];
-	} ctl;
+	union netblk_tls_cmsg ctl;
 	struct msghdr msg = { };
 	unsigned int noreclaim;
 	int ret = 0;

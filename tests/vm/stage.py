@@ -110,9 +110,10 @@ class Stage:
     storaged: ServerProcess
     bridge: BridgeProcess
 
-    def connect(self, dev: str = "netblk0", export: str = "data") -> str:
+    def connect(self, dev: str = "netblk0", export: str = "data", port: int | None = None) -> str:
+        """Connect ``dev`` to storaged (or to whatever listens on ``port``)."""
         set_sysfs(dev, "server_ip", "127.0.0.1")
-        set_sysfs(dev, "server_port", str(self.stack.port))
+        set_sysfs(dev, "server_port", str(port or self.stack.port))
         set_sysfs(dev, "export", export)
         set_sysfs(dev, "connect", "1")
         return wait_state(dev, {"connected", "error"})

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.module import SYS_MODULE
 from tests.vm.stage import (
     CONNECT_WAIT,
     VOLUME,
@@ -278,13 +279,7 @@ def tapped(stage: Stage) -> Iterator[RecordTap]:
     tap = RecordTap(stage.stack.port)
     try:
         with bridge_as(stage, bridge_config(stage.stack, port=str(tap.port))):
-            set_sysfs("netblk0", "server_ip", "127.0.0.1")
-            set_sysfs("netblk0", "server_port", str(tap.port))
-            set_sysfs("netblk0", "export", "data")
-            set_sysfs("netblk0", "connect", "1")
-            assert wait_state("netblk0", {"connected", "error"}) == "connected", sysfs(
-                "netblk0", "last_error"
-            )
+            assert stage.connect(port=tap.port) == "connected", sysfs("netblk0", "last_error")
             yield tap
             stage.disconnect()
     finally:
@@ -294,7 +289,7 @@ def tapped(stage: Stage) -> Iterator[RecordTap]:
 def test_requests_handed_over_together_share_tls_records(stage: Stage) -> None:
     """blk-mq's batches (bd->last false until the last) leave as one record
     run, and every batch is sent in full."""
-    depth = int(Path("/sys/module/netblk/parameters/queue_depth").read_text())
+    depth = int((SYS_MODULE / "parameters" / "queue_depth").read_text())
     with tapped(stage) as tap:
         before, records_before = kernel_stats("netblk0"), tap.records
         # fio submits 32 reads in one io_submit() once all 32 are back.
