@@ -34,6 +34,7 @@
 #include <uapi/linux/netblk.h>
 
 #define NETBLK_MAX_DEVICES		16
+#define NETBLK_MAX_CONNECTIONS		16
 #define NETBLK_MAX_QUEUE_DEPTH		1024
 #define NETBLK_MINORS			16
 #define NETBLK_ERROR_LEN		256
@@ -146,6 +147,8 @@ struct netblk_params {
  * @ns_flags: NETBLK_SOCK_* bits
  * @ns_reason: why the connection died; protected by nd_io_lock
  * @ns_params: export parameters, set once by the handshake's DONE
+ * @ns_hs_cookie: cookie of this connection's pending handshake, 0 if none;
+ *	protected by nd_lock
  * @ns_recv_work: the receive worker, runs while connected
  * @ns_recv_done: completed when the receive worker returns
  */
@@ -158,6 +161,7 @@ struct netblk_sock {
 	unsigned long ns_flags;
 	char ns_reason[NETBLK_REASON_LEN];
 	struct netblk_params ns_params;
+	u64 ns_hs_cookie;
 	struct work_struct ns_recv_work;
 	struct completion ns_recv_done;
 };
@@ -215,23 +219,26 @@ struct netblk_hs_req {
 /**
  * struct netblk_dev - one /dev/netblkN
  * @nd_index: N
+ * @nd_nr_conns: connections per device, one per hardware queue
  * @nd_disk: the gendisk; its queue is nd_disk->queue
  * @nd_tag_set: blk-mq tag set
  * @nd_ctl_wq: ordered workqueue for the connection state machine
  * @nd_recv_wq: workqueue for the receive worker
  * @nd_ctl_lock: serialises connect, disconnect and unload
- * @nd_lock: protects @nd_conf, @nd_nsock, @nd_error, the handshake and
+ * @nd_lock: protects @nd_conf, @nd_socks, @nd_error, the handshake and
  *	reconnect fields below, @nd_disconnecting, @nd_dying, and every write
- *	of @nd_state
+ *	of @nd_state and @nd_live
  * @nd_io_lock: protects @nd_live, @nd_state and ns_reason for readers that
  *	cannot take @nd_lock; writers hold both
  * @nd_state: enum netblk_state
- * @nd_live: the connection I/O is sent on, set only while CONNECTED
- * @nd_nsock: the current connection or connection attempt
+ * @nd_live: per hardware queue, the connection its I/O is sent on; set
+ *	only while CONNECTED, all together; borrows @nd_socks' references
+ * @nd_socks: the connection set, or the attempt at one; NULL-terminated
+ *	when shorter than @nd_nr_conns
  * @nd_conf: configuration
  * @nd_error: last error, in words
- * @nd_hs_cookie: cookie of the pending handshake, 0 if none
- * @nd_hs_deadline: jiffies by which that handshake must be done
+ * @nd_hs_pending: handshakes of the attempt still awaiting their DONE
+ * @nd_hs_deadline: jiffies by which they must be done
  * @nd_attempts: reconnect attempts in this outage
  * @nd_backoff_ms: delay before the next reconnect attempt
  * @nd_dead_deadline: jiffies at which this outage fails all I/O
@@ -245,6 +252,7 @@ struct netblk_hs_req {
  */
 struct netblk_dev {
 	unsigned int nd_index;
+	unsigned int nd_nr_conns;
 	struct gendisk *nd_disk;
 	struct blk_mq_tag_set nd_tag_set;
 	struct workqueue_struct *nd_ctl_wq;
@@ -254,12 +262,12 @@ struct netblk_dev {
 	struct mutex nd_lock;		/* protects the state machine */
 	spinlock_t nd_io_lock;		/* protects nd_live, nd_state */
 	enum netblk_state nd_state;
-	struct netblk_sock *nd_live;
-	struct netblk_sock *nd_nsock;
+	struct netblk_sock *nd_live[NETBLK_MAX_CONNECTIONS];
+	struct netblk_sock *nd_socks[NETBLK_MAX_CONNECTIONS];
 
 	struct netblk_conf nd_conf;
 	char nd_error[NETBLK_ERROR_LEN];
-	u64 nd_hs_cookie;
+	unsigned int nd_hs_pending;
 	unsigned long nd_hs_deadline;
 	unsigned int nd_attempts;
 	unsigned int nd_backoff_ms;
@@ -279,6 +287,7 @@ struct netblk_dev {
 extern unsigned int netblk_handshake_timeout_ms;
 extern unsigned int netblk_connect_timeout_ms;
 extern unsigned int netblk_queue_depth;
+extern unsigned int netblk_connections;
 extern int netblk_major;
 
 /* netblk_blk.c */
@@ -309,7 +318,8 @@ void netblk_sock_reason(struct netblk_sock *nsock, char *buf, size_t len);
 int netblk_sock_send_rq(struct netblk_sock *nsock, struct request *rq,
 			const struct netblk_request *hdr, bool more, int *sent);
 int netblk_sock_push(struct netblk_sock *nsock);
-void netblk_sock_disconnect(struct netblk_sock *nsock);
+int netblk_sock_disconnect(struct netblk_sock *nsock);
+void netblk_sock_wait_closed(struct netblk_sock *nsock, unsigned long deadline);
 int netblk_sock_recv_rq(struct netblk_sock *nsock, struct request *rq);
 void netblk_sock_start_recv(struct netblk_sock *nsock);
 
@@ -323,8 +333,10 @@ bool netblk_conn_idle(const struct netblk_dev *dev);
 enum netblk_state netblk_conn_state(struct netblk_dev *dev);
 const char *netblk_conn_state_name(enum netblk_state state);
 void netblk_conn_sock_failed(struct netblk_dev *dev);
-struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev);
+struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev,
+				       unsigned int hwq);
 bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq);
+unsigned int netblk_conn_count(struct netblk_dev *dev);
 void netblk_hs_init(void);
 struct netblk_hs_req *netblk_hs_accept(void);
 void netblk_hs_unaccept(struct netblk_hs_req *req);

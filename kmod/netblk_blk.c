@@ -146,7 +146,7 @@ static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	clear_bit(NETBLK_CMD_STUCK, &cmd->nc_flags);
 	blk_mq_start_request(rq);
 
-	nsock = netblk_conn_get_live(dev);
+	nsock = netblk_conn_get_live(dev, hctx->queue_num);
 	if (!nsock) {
 		sts = netblk_conn_requeue(dev, rq) ? BLK_STS_OK : BLK_STS_IOERR;
 		goto out_unlock;
@@ -191,7 +191,7 @@ static void netblk_commit_rqs(struct blk_mq_hw_ctx *hctx)
 	struct netblk_sock *nsock;
 	int err;
 
-	nsock = netblk_conn_get_live(dev);
+	nsock = netblk_conn_get_live(dev, hctx->queue_num);
 	if (!nsock)
 		return;
 	err = netblk_sock_push(nsock);
@@ -223,7 +223,8 @@ static enum blk_eh_timer_return netblk_timeout(struct request *rq)
 		 * socket is stuck, and killing it frees the holder.
 		 */
 		if (test_and_set_bit(NETBLK_CMD_STUCK, &cmd->nc_flags)) {
-			nsock = netblk_conn_get_live(dev);
+			nsock = netblk_conn_get_live(dev,
+						     rq->mq_hctx->queue_num);
 			if (nsock) {
 				netblk_sock_fail(nsock, "request timed out");
 				netblk_sock_put(nsock);
@@ -521,7 +522,7 @@ void netblk_blk_set_timeout(struct netblk_dev *dev, u32 timeout_ms)
 
 /**
  * netblk_blk_init() - allocate the tag set and the (not yet added) disk
- * @dev: the device; nd_index and nd_conf are set
+ * @dev: the device; nd_index, nd_nr_conns and nd_conf are set
  *
  * Return: 0, or -ENOMEM (or another errno from blk-mq) on failure.
  */
@@ -533,7 +534,7 @@ int netblk_blk_init(struct netblk_dev *dev)
 	int err;
 
 	set->ops = &netblk_mq_ops;
-	set->nr_hw_queues = 1;
+	set->nr_hw_queues = dev->nd_nr_conns;
 	set->queue_depth = netblk_queue_depth;
 	set->numa_node = NUMA_NO_NODE;
 	set->cmd_size = sizeof(struct netblk_cmd);

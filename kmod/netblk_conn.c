@@ -2,9 +2,14 @@
 /*
  * netblk: the connection state machine and the handshake upcall requests.
  *
+ * A device talks to its server over a set of connections, one per blk-mq
+ * hardware queue (module parameter "connections").  The set is made, used
+ * and lost as a unit: every state below is the set's.
+ *
  *   DISCONNECTED/ERROR --connect--> CONNECTING --TCP up--> HANDSHAKING
- *   HANDSHAKING --DONE ok--> CONNECTED
- *   CONNECTED --socket error, bad frame, request timeout--> RECONNECTING
+ *   HANDSHAKING --every DONE ok--> CONNECTED
+ *   CONNECTED --any connection: socket error, bad frame, request
+ *                timeout--> RECONNECTING
  *   RECONNECTING --(connect + handshake) ok--> CONNECTED
  *   RECONNECTING --dead_timeout_ms or reconnect_retries spent--> ERROR
  *   CONNECTING/HANDSHAKING --any failure--> ERROR
@@ -16,10 +21,13 @@
  * Every decision "requeue or fail" and every state change is made under
  * nd_io_lock, so no request can be requeued after the last kick.
  *
- * Handshake requests: a connected socket is put on a global list with a
+ * A server that does not offer NETBLK_EXPORT_MULTI_CONN gets one
+ * connection: the others are closed and every queue sends on the first.
+ *
+ * Handshake requests: each connected socket is put on a global list with a
  * cookie and READY is multicast.  ACCEPT hands the oldest unaccepted one to
  * the helper as an fd; DONE names it by cookie and ends it.  The deadline
- * (handshake_timeout_ms) runs from READY.
+ * (handshake_timeout_ms) runs from READY, one for the whole set.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -118,18 +126,20 @@ void netblk_conn_set_error(struct netblk_dev *dev, const char *fmt, ...)
 }
 
 /**
- * netblk_conn_get_live() - the connection to send I/O on
+ * netblk_conn_get_live() - the connection a hardware queue sends I/O on
  * @dev: the device
+ * @hwq: the hardware queue's index
  *
  * Return: the live connection with a reference, or NULL when not
  * CONNECTED.
  */
-struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev)
+struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev,
+					 unsigned int hwq)
 {
 	struct netblk_sock *nsock;
 
 	spin_lock(&dev->nd_io_lock);
-	nsock = dev->nd_live;
+	nsock = dev->nd_live[hwq];
 	if (nsock)
 		netblk_sock_get(nsock);
 	spin_unlock(&dev->nd_io_lock);
@@ -143,8 +153,9 @@ struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev)
  * @rq: a started request that is not INFLIGHT; its command is locked
  *
  * A request may wait while the device is reconnecting (or connected but
- * its connection just died, which becomes reconnecting).  With a healthy
- * live connection it is requeued and sent again at once.
+ * one of its connections just died, which becomes reconnecting).  With a
+ * healthy live connection for its queue it is requeued and sent again at
+ * once.
  *
  * Return: true if requeued; false if the caller must fail it.
  */
@@ -154,7 +165,7 @@ bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq)
 	bool requeued = true;
 
 	spin_lock(&dev->nd_io_lock);
-	live = dev->nd_live;
+	live = dev->nd_live[rq->mq_hctx->queue_num];
 	if (live && !netblk_sock_dead(live))
 		blk_mq_requeue_request(rq, true);
 	else if (dev->nd_state == NETBLK_CONNECTED ||
@@ -164,6 +175,28 @@ bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq)
 		requeued = false;
 	spin_unlock(&dev->nd_io_lock);
 	return requeued;
+}
+
+/**
+ * netblk_conn_count() - how many connections carry I/O (sysfs
+ *	"connections")
+ * @dev: the device
+ *
+ * Return: the number of distinct live connections; 0 unless CONNECTED.
+ */
+unsigned int netblk_conn_count(struct netblk_dev *dev)
+{
+	struct netblk_sock *first;
+	unsigned int i, count = 0;
+
+	/* The live set is all of them, or the first for every queue. */
+	spin_lock(&dev->nd_io_lock);
+	first = dev->nd_live[0];
+	for (i = 0; first && i < dev->nd_nr_conns; i++)
+		if (!i || dev->nd_live[i] != first)
+			count++;
+	spin_unlock(&dev->nd_io_lock);
+	return count;
 }
 
 /**
@@ -265,51 +298,85 @@ u32 netblk_hs_remaining_ms(const struct netblk_hs_req *req)
 	return left > 0 ? max(jiffies_to_msecs(left), 1U) : 1;
 }
 
-/* End the device's pending handshake, if any: it is no longer wanted. */
+/* End the attempt's pending handshakes, if any: they are no longer wanted. */
 static void netblk_hs_cancel(struct netblk_dev *dev)
 {
-	struct netblk_hs_req *req;
+	struct netblk_hs_req *req, *tmp;
+	LIST_HEAD(cancelled);
+	unsigned int i;
 
 	lockdep_assert_held(&dev->nd_lock);
-	if (!dev->nd_hs_cookie)
+	if (!dev->nd_hs_pending)
 		return;
 
 	mutex_lock(&netblk_hs_lock);
-	req = netblk_hs_find(dev->nd_hs_cookie);
-	if (req)
-		list_del_init(&req->hr_list);
+	for (i = 0; i < dev->nd_nr_conns && dev->nd_socks[i]; i++) {
+		u64 cookie = dev->nd_socks[i]->ns_hs_cookie;
+
+		dev->nd_socks[i]->ns_hs_cookie = 0;
+		req = cookie ? netblk_hs_find(cookie) : NULL;
+		if (req)
+			list_move(&req->hr_list, &cancelled);
+	}
 	mutex_unlock(&netblk_hs_lock);
 
-	dev->nd_hs_cookie = 0;
+	dev->nd_hs_pending = 0;
 	cancel_delayed_work(&dev->nd_hs_timeout_work);
-	if (req)
+	list_for_each_entry_safe(req, tmp, &cancelled, hr_list) {
+		list_del_init(&req->hr_list);
 		netblk_hs_put(req);
+	}
 }
 
 /* --- connection lifecycle ----------------------------------------------- */
 
 /*
- * Drop the current connection and set @state.  Requests in flight on it
- * are requeued (RECONNECTING) or failed (any other state), and requests
+ * Take the connection set away from the device into @socks and shut every
+ * connection down; its receive worker has returned when this does.
+ * Return: how many there were.  The caller drops their references with
+ * netblk_conn_put_socks() once nothing in flight names them.
+ */
+static unsigned int netblk_conn_take_socks(struct netblk_dev *dev,
+					   struct netblk_sock **socks)
+{
+	unsigned int i, n;
+
+	lockdep_assert_held(&dev->nd_lock);
+	netblk_hs_cancel(dev);
+	for (n = 0; n < dev->nd_nr_conns && dev->nd_socks[n]; n++) {
+		socks[n] = dev->nd_socks[n];
+		dev->nd_socks[n] = NULL;
+		netblk_sock_kill(socks[n]);
+	}
+	for (i = 0; i < n; i++)
+		flush_work(&socks[i]->ns_recv_work);
+	return n;
+}
+
+static void netblk_conn_put_socks(struct netblk_sock **socks, unsigned int n)
+{
+	while (n--)
+		netblk_sock_put(socks[n]);
+}
+
+/*
+ * Drop the connection set and set @state.  Requests in flight on it are
+ * requeued (RECONNECTING) or failed (any other state), and requests
  * already waiting are kicked so that they fail, unless still RECONNECTING.
  */
 static void netblk_conn_reset(struct netblk_dev *dev, enum netblk_state state)
 {
-	struct netblk_sock *nsock = dev->nd_nsock;
+	struct netblk_sock *socks[NETBLK_MAX_CONNECTIONS];
+	unsigned int n;
 
 	lockdep_assert_held(&dev->nd_lock);
 
-	netblk_hs_cancel(dev);
-	dev->nd_nsock = NULL;
 	spin_lock(&dev->nd_io_lock);
-	dev->nd_live = NULL;
+	memset(dev->nd_live, 0, sizeof(dev->nd_live));
 	dev->nd_state = state;
 	spin_unlock(&dev->nd_io_lock);
 
-	if (nsock) {
-		netblk_sock_kill(nsock);
-		flush_work(&nsock->ns_recv_work);
-	}
+	n = netblk_conn_take_socks(dev, socks);
 	netblk_blk_reset_inflight(dev);
 
 	if (state != NETBLK_RECONNECTING) {
@@ -317,19 +384,18 @@ static void netblk_conn_reset(struct netblk_dev *dev, enum netblk_state state)
 		cancel_delayed_work(&dev->nd_dead_work);
 		blk_mq_kick_requeue_list(dev->nd_disk->queue);
 	}
-	if (nsock)
-		netblk_sock_put(nsock);
+	netblk_conn_put_socks(socks, n);
 }
 
 /*
- * A connection attempt failed.  The first connect gives up at once;
- * a reconnect retries with exponential backoff until its retries or the
- * dead-connection deadline run out.
+ * A connection attempt failed: the whole set is dropped.  The first
+ * connect gives up at once; a reconnect retries with exponential backoff
+ * until its retries or the dead-connection deadline run out.
  */
 static __printf(2, 3)
 void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 {
-	struct netblk_sock *nsock = dev->nd_nsock;
+	struct netblk_sock *socks[NETBLK_MAX_CONNECTIONS];
 	struct netblk_conf *cf = &dev->nd_conf;
 	char reason[NETBLK_ERROR_LEN];
 	va_list args;
@@ -341,12 +407,7 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 	va_end(args);
 	netblk_conn_set_error(dev, "%s", reason);
 
-	netblk_hs_cancel(dev);
-	dev->nd_nsock = NULL;
-	if (nsock) {
-		netblk_sock_kill(nsock);
-		netblk_sock_put(nsock);
-	}
+	netblk_conn_put_socks(socks, netblk_conn_take_socks(dev, socks));
 
 	if (dev->nd_state != NETBLK_RECONNECTING) {
 		dev_warn(disk_to_dev(dev->nd_disk), "connect failed: %s\n",
@@ -385,12 +446,41 @@ static void netblk_conn_format_peer(const struct sockaddr_storage *ss,
 			 &((const struct sockaddr_in *)ss)->sin_addr);
 }
 
-/* TCP is up: post the handshake for tls-bridge and start its deadline. */
+static struct netblk_hs_req *netblk_hs_alloc(struct netblk_dev *dev,
+					     struct netblk_sock *nsock,
+					     unsigned long deadline)
+{
+	struct netblk_hs_req *req;
+
+	req = kzalloc(sizeof(*req), GFP_KERNEL);
+	if (!req)
+		return NULL;
+	kref_init(&req->hr_ref);
+	INIT_LIST_HEAD(&req->hr_list);
+	do {
+		req->hr_cookie = atomic64_inc_return(&netblk_hs_next_cookie);
+	} while (!req->hr_cookie);
+	req->hr_dev = dev;
+	netblk_sock_get(nsock);
+	req->hr_nsock = nsock;
+	req->hr_deadline = deadline;
+	netblk_conn_format_peer(&dev->nd_conf.cf_addr, req->hr_peer,
+				sizeof(req->hr_peer));
+	req->hr_port = dev->nd_conf.cf_port;
+	strscpy(req->hr_export, dev->nd_conf.cf_export,
+		sizeof(req->hr_export));
+	return req;
+}
+
+/*
+ * Every connection of the attempt is up: post one handshake per connection
+ * for tls-bridge, all under one deadline.
+ */
 static void netblk_conn_hs_start(struct netblk_dev *dev)
 {
-	struct netblk_sock *nsock = dev->nd_nsock;
 	unsigned long timeout = msecs_to_jiffies(netblk_handshake_timeout_ms);
-	struct netblk_hs_req *req;
+	struct netblk_hs_req *reqs[NETBLK_MAX_CONNECTIONS];
+	unsigned int i, n = dev->nd_nr_conns;
 	int err;
 
 	lockdep_assert_held(&dev->nd_lock);
@@ -400,42 +490,42 @@ static void netblk_conn_hs_start(struct netblk_dev *dev)
 		return;
 	}
 
-	req = kzalloc(sizeof(*req), GFP_KERNEL);
-	if (!req) {
-		netblk_conn_attempt_failed(dev, "out of memory");
-		return;
+	for (i = 0; i < n; i++) {
+		reqs[i] = netblk_hs_alloc(dev, dev->nd_socks[i],
+					  jiffies + timeout);
+		if (!reqs[i]) {
+			while (i--)
+				netblk_hs_put(reqs[i]);
+			netblk_conn_attempt_failed(dev, "out of memory");
+			return;
+		}
 	}
-	kref_init(&req->hr_ref);
-	INIT_LIST_HEAD(&req->hr_list);
-	do {
-		req->hr_cookie = atomic64_inc_return(&netblk_hs_next_cookie);
-	} while (!req->hr_cookie);
-	req->hr_dev = dev;
-	netblk_sock_get(nsock);
-	req->hr_nsock = nsock;
-	req->hr_deadline = jiffies + timeout;
-	netblk_conn_format_peer(&dev->nd_conf.cf_addr, req->hr_peer,
-				sizeof(req->hr_peer));
-	req->hr_port = dev->nd_conf.cf_port;
-	strscpy(req->hr_export, dev->nd_conf.cf_export,
-		sizeof(req->hr_export));
 
 	if (dev->nd_state == NETBLK_CONNECTING)
 		netblk_conn_set_state(dev, NETBLK_HANDSHAKING);
-	dev->nd_hs_cookie = req->hr_cookie;
-	dev->nd_hs_deadline = req->hr_deadline;
-
+	dev->nd_hs_pending = n;
+	dev->nd_hs_deadline = reqs[0]->hr_deadline;
 	mutex_lock(&netblk_hs_lock);
-	list_add_tail(&req->hr_list, &netblk_hs_pending);
+	for (i = 0; i < n; i++) {
+		dev->nd_socks[i]->ns_hs_cookie = reqs[i]->hr_cookie;
+		list_add_tail(&reqs[i]->hr_list, &netblk_hs_pending);
+	}
 	mutex_unlock(&netblk_hs_lock);
 	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_hs_timeout_work, timeout);
 
-	err = netblk_genl_ready(dev->nd_index);
-	if (err == -ESRCH)
-		netblk_conn_attempt_failed(dev, "no tls-bridge is listening");
-	else if (err)
-		netblk_conn_attempt_failed(dev, "cannot post the handshake (error %d)",
-					   err);
+	/* One READY per request: each wakes a helper to ACCEPT one. */
+	for (i = 0; i < n; i++) {
+		err = netblk_genl_ready(dev->nd_index);
+		if (err == -ESRCH) {
+			netblk_conn_attempt_failed(dev, "no tls-bridge is listening");
+			return;
+		}
+		if (err) {
+			netblk_conn_attempt_failed(dev, "cannot post the handshake (error %d)",
+						   err);
+			return;
+		}
+	}
 }
 
 static const char *netblk_connect_errstr(int err)
@@ -460,13 +550,34 @@ static const char *netblk_connect_errstr(int err)
 	}
 }
 
+/*
+ * Create the attempt's connections and publish them, so that a disconnect
+ * can abort the connects.  Return: 0, or the errno of the socket that
+ * could not be created (the ones made so far stay published).
+ */
+static int netblk_conn_create_socks(struct netblk_dev *dev, int family)
+{
+	struct netblk_sock *nsock;
+	unsigned int i;
+
+	lockdep_assert_held(&dev->nd_lock);
+	for (i = 0; i < dev->nd_nr_conns; i++) {
+		nsock = netblk_sock_create(dev, family);
+		if (IS_ERR(nsock))
+			return PTR_ERR(nsock);
+		dev->nd_socks[i] = nsock;
+	}
+	return 0;
+}
+
 static void netblk_conn_connect_work(struct work_struct *work)
 {
 	struct netblk_dev *dev = container_of(to_delayed_work(work),
 					      struct netblk_dev,
 					      nd_connect_work);
+	struct netblk_sock *socks[NETBLK_MAX_CONNECTIONS];
 	struct sockaddr_storage addr;
-	struct netblk_sock *nsock;
+	unsigned int i, n = dev->nd_nr_conns;
 	unsigned int noio;
 	const char *what;
 	int err;
@@ -475,7 +586,7 @@ static void netblk_conn_connect_work(struct work_struct *work)
 	noio = memalloc_noio_save();
 	mutex_lock(&dev->nd_lock);
 	if ((dev->nd_state != NETBLK_CONNECTING &&
-	     dev->nd_state != NETBLK_RECONNECTING) || dev->nd_nsock)
+	     dev->nd_state != NETBLK_RECONNECTING) || dev->nd_socks[0])
 		goto out_unlock;
 
 	addr = dev->nd_conf.cf_addr;
@@ -486,37 +597,35 @@ static void netblk_conn_connect_work(struct work_struct *work)
 		((struct sockaddr_in *)&addr)->sin_port =
 			htons(dev->nd_conf.cf_port);
 
-	nsock = netblk_sock_create(dev, addr.ss_family);
-	if (IS_ERR(nsock)) {
-		netblk_conn_attempt_failed(dev, "socket: error %ld",
-					   PTR_ERR(nsock));
+	err = netblk_conn_create_socks(dev, addr.ss_family);
+	if (err) {
+		netblk_conn_attempt_failed(dev, "socket: error %d", err);
 		goto out_unlock;
 	}
-	/* Published so that a disconnect can abort the connect. */
-	dev->nd_nsock = nsock;
-	netblk_sock_get(nsock);
+	for (i = 0; i < n; i++) {
+		socks[i] = dev->nd_socks[i];
+		netblk_sock_get(socks[i]);
+	}
 	mutex_unlock(&dev->nd_lock);
 
-	err = netblk_sock_connect(nsock, &addr, netblk_connect_timeout_ms);
+	for (i = 0, err = 0; i < n && !err; i++)
+		err = netblk_sock_connect(socks[i], &addr,
+					  netblk_connect_timeout_ms);
 
 	mutex_lock(&dev->nd_lock);
-	if (dev->nd_nsock != nsock) {
+	if (dev->nd_socks[0] != socks[0]) {
 		/* Disconnected, or given up, meanwhile. */
-		netblk_sock_put(nsock);
-		goto out_unlock;
-	}
-	netblk_sock_put(nsock);
-
-	if (err) {
+	} else if (err) {
 		what = netblk_connect_errstr(err);
 		if (what)
 			netblk_conn_attempt_failed(dev, "connect: %s", what);
 		else
 			netblk_conn_attempt_failed(dev, "connect: error %d",
 						   err);
-		goto out_unlock;
+	} else {
+		netblk_conn_hs_start(dev);
 	}
-	netblk_conn_hs_start(dev);
+	netblk_conn_put_socks(socks, n);
 
 out_unlock:
 	mutex_unlock(&dev->nd_lock);
@@ -529,10 +638,11 @@ static void netblk_conn_hs_timeout_work(struct work_struct *work)
 					      struct netblk_dev,
 					      nd_hs_timeout_work);
 	struct netblk_hs_req *req;
-	bool accepted = false;
+	bool accepted = true;
+	unsigned int i;
 
 	mutex_lock(&dev->nd_lock);
-	if (!dev->nd_hs_cookie)
+	if (!dev->nd_hs_pending)
 		goto out_unlock;
 	if (time_before(jiffies, dev->nd_hs_deadline)) {
 		mod_delayed_work(dev->nd_ctl_wq, &dev->nd_hs_timeout_work,
@@ -541,9 +651,13 @@ static void netblk_conn_hs_timeout_work(struct work_struct *work)
 	}
 
 	mutex_lock(&netblk_hs_lock);
-	req = netblk_hs_find(dev->nd_hs_cookie);
-	if (req)
-		accepted = req->hr_accepted;
+	for (i = 0; i < dev->nd_nr_conns && dev->nd_socks[i]; i++) {
+		u64 cookie = dev->nd_socks[i]->ns_hs_cookie;
+
+		req = cookie ? netblk_hs_find(cookie) : NULL;
+		if (req && !req->hr_accepted)
+			accepted = false;
+	}
 	mutex_unlock(&netblk_hs_lock);
 
 	netblk_conn_attempt_failed(dev, accepted ?
@@ -553,6 +667,19 @@ out_unlock:
 	mutex_unlock(&dev->nd_lock);
 }
 
+/* The first connection of the set that died, or NULL. */
+static struct netblk_sock *netblk_conn_find_dead(struct netblk_dev *dev)
+{
+	unsigned int i;
+
+	lockdep_assert_held(&dev->nd_lock);
+	for (i = 0; i < dev->nd_nr_conns && dev->nd_socks[i]; i++)
+		if (netblk_sock_dead(dev->nd_socks[i]))
+			return dev->nd_socks[i];
+	return NULL;
+}
+
+/* One connection of the set died: the set fails over as a unit. */
 static void netblk_conn_err_work(struct work_struct *work)
 {
 	struct netblk_dev *dev = container_of(work, struct netblk_dev,
@@ -562,9 +689,10 @@ static void netblk_conn_err_work(struct work_struct *work)
 	struct netblk_sock *nsock;
 
 	mutex_lock(&dev->nd_lock);
-	nsock = dev->nd_nsock;
-	if (dev->nd_state != NETBLK_CONNECTED || !nsock ||
-	    !netblk_sock_dead(nsock))
+	if (dev->nd_state != NETBLK_CONNECTED)
+		goto out_unlock;
+	nsock = netblk_conn_find_dead(dev);
+	if (!nsock)
 		goto out_unlock;
 
 	netblk_sock_reason(nsock, reason, sizeof(reason));
@@ -622,13 +750,15 @@ out_unlock:
 	mutex_unlock(&dev->nd_lock);
 }
 
-/* DONE said the handshake and login succeeded: start I/O. */
-static int netblk_conn_established(struct netblk_dev *dev,
+/*
+ * Check what one connection's DONE says and keep it in the connection.
+ * Return: 0; -EINVAL for unusable parameters, or the errno of
+ * netblk_sock_check_ktls(), after failing the attempt.
+ */
+static int netblk_conn_take_params(struct netblk_dev *dev,
+				   struct netblk_sock *nsock,
 				   const struct netblk_params *p)
 {
-	struct netblk_sock *nsock = dev->nd_nsock;
-	bool reconnect = dev->nd_state == NETBLK_RECONNECTING;
-	char peer[INET6_ADDRSTRLEN];
 	int err;
 
 	lockdep_assert_held(&dev->nd_lock);
@@ -660,25 +790,77 @@ static int netblk_conn_established(struct netblk_dev *dev,
 	nsock->ns_params = *p;
 	nsock->ns_params.np_max_payload = round_down(p->np_max_payload,
 						     NETBLK_BLOCK_SIZE);
-	netblk_blk_apply(dev, &nsock->ns_params);
-	netblk_sock_start_recv(nsock);
+	return 0;
+}
 
+/*
+ * Keep only the first connection when the server cannot keep several
+ * coherent (no NETBLK_EXPORT_MULTI_CONN).  Return: how many remain.
+ */
+static unsigned int netblk_conn_trim_socks(struct netblk_dev *dev)
+{
+	unsigned int i, n = dev->nd_nr_conns;
+
+	lockdep_assert_held(&dev->nd_lock);
+	if (n == 1 ||
+	    (dev->nd_socks[0]->ns_params.np_export_flags &
+	     NETBLK_EXPORT_MULTI_CONN))
+		return n;
+
+	for (i = 1; i < n; i++) {
+		netblk_sock_kill(dev->nd_socks[i]);
+		netblk_sock_put(dev->nd_socks[i]);
+		dev->nd_socks[i] = NULL;
+	}
+	dev_info(disk_to_dev(dev->nd_disk),
+		 "export %s does not allow several connections; using one\n",
+		 dev->nd_conf.cf_export);
+	return 1;
+}
+
+/* Every DONE of the set said the handshake and login succeeded: start I/O. */
+static int netblk_conn_established(struct netblk_dev *dev)
+{
+	const struct netblk_params *p = &dev->nd_socks[0]->ns_params;
+	bool reconnect = dev->nd_state == NETBLK_RECONNECTING;
+	char peer[INET6_ADDRSTRLEN];
+	const struct netblk_params *q;
+	unsigned int i, n;
+
+	lockdep_assert_held(&dev->nd_lock);
+
+	for (i = 1; i < dev->nd_nr_conns; i++) {
+		q = &dev->nd_socks[i]->ns_params;
+		if (q->np_export_size != p->np_export_size ||
+		    q->np_export_flags != p->np_export_flags ||
+		    q->np_max_payload != p->np_max_payload) {
+			netblk_conn_attempt_failed(dev, "connections disagree about export %s",
+						   dev->nd_conf.cf_export);
+			return -EPROTO;
+		}
+	}
+	n = netblk_conn_trim_socks(dev);
+
+	for (i = 0; i < n; i++)
+		netblk_sock_start_recv(dev->nd_socks[i]);
 	spin_lock(&dev->nd_io_lock);
-	dev->nd_live = nsock;
+	for (i = 0; i < dev->nd_nr_conns; i++)
+		dev->nd_live[i] = dev->nd_socks[i % n];
 	dev->nd_state = NETBLK_CONNECTED;
 	spin_unlock(&dev->nd_io_lock);
 	cancel_delayed_work(&dev->nd_dead_work);
 	dev->nd_attempts = 0;
 	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+	/* Live first: the capacity's uevent sends udev's probe at once. */
+	netblk_blk_apply(dev, p);
 	blk_mq_kick_requeue_list(dev->nd_disk->queue);
 
 	netblk_conn_format_peer(&dev->nd_conf.cf_addr, peer, sizeof(peer));
 	dev_info(disk_to_dev(dev->nd_disk),
-		 "%s %s port %u export %s: %llu bytes, flags 0x%x, max payload %u\n",
+		 "%s %s port %u export %s: %llu bytes, flags 0x%x, max payload %u, %u connection(s)\n",
 		 reconnect ? "reconnected to" : "connected to", peer,
 		 dev->nd_conf.cf_port, dev->nd_conf.cf_export,
-		 p->np_export_size, p->np_export_flags,
-		 nsock->ns_params.np_max_payload);
+		 p->np_export_size, p->np_export_flags, p->np_max_payload, n);
 	return 0;
 }
 
@@ -690,20 +872,23 @@ static int netblk_conn_established(struct netblk_dev *dev,
  * @reason: on failure, the helper's words (may be NULL)
  * @p: on success, the export's parameters
  *
- * On failure the attempt fails with @reason as last_error; on success the
- * device is connected, unless @p is unusable or the socket lacks kTLS.
+ * On failure the whole attempt fails with @reason as last_error.  On
+ * success the connection is ready; when it is the last of its set to be,
+ * the device is connected, unless the connections disagree about the
+ * export.
  *
  * Context: process context (the DONE handler); takes nd_lock.
  * Return: 0 when the result was taken; -ENOENT for an unknown cookie (or
  * one whose attempt ended meanwhile); -EINVAL if the request was never
  * accepted, or on success with unusable parameters; -EBADF if @file is not
  * the request's socket; -ENOTCONN or -EPROTO if the socket is not
- * connected or has no kTLS.
+ * connected or has no kTLS; -EPROTO if the set disagrees about the export.
  */
 int netblk_hs_done(u64 cookie, struct file *file, u32 status,
 		   const char *reason, const struct netblk_params *p)
 {
 	struct netblk_hs_req *req;
+	struct netblk_sock *nsock;
 	struct netblk_dev *dev;
 	int err = 0;
 
@@ -723,13 +908,14 @@ int netblk_hs_done(u64 cookie, struct file *file, u32 status,
 
 	/* The list's reference is ours now. */
 	dev = req->hr_dev;
+	nsock = req->hr_nsock;
 	mutex_lock(&dev->nd_lock);
-	if (dev->nd_hs_cookie != cookie || dev->nd_nsock != req->hr_nsock) {
+	if (nsock->ns_hs_cookie != cookie) {
 		err = -ENOENT;
 		goto out_unlock;
 	}
-	dev->nd_hs_cookie = 0;
-	cancel_delayed_work(&dev->nd_hs_timeout_work);
+	nsock->ns_hs_cookie = 0;
+	dev->nd_hs_pending--;
 
 	if (status) {
 		if (reason && reason[0])
@@ -739,7 +925,11 @@ int netblk_hs_done(u64 cookie, struct file *file, u32 status,
 						   status);
 		goto out_unlock;
 	}
-	err = netblk_conn_established(dev, p);
+	err = netblk_conn_take_params(dev, nsock, p);
+	if (err || dev->nd_hs_pending)
+		goto out_unlock;
+	cancel_delayed_work(&dev->nd_hs_timeout_work);
+	err = netblk_conn_established(dev);
 
 out_unlock:
 	mutex_unlock(&dev->nd_lock);
@@ -782,6 +972,25 @@ int netblk_conn_connect(struct netblk_dev *dev)
 	return err;
 }
 
+/*
+ * Send DISCONNECT on every healthy connection of the set, then give the
+ * server NETBLK_DISCONNECT_WAIT_MS in all to flush and close them.
+ */
+static void netblk_conn_goodbye(struct netblk_dev *dev)
+{
+	unsigned long deadline = jiffies +
+				 msecs_to_jiffies(NETBLK_DISCONNECT_WAIT_MS);
+	bool sent[NETBLK_MAX_CONNECTIONS];
+	unsigned int i, n;
+
+	lockdep_assert_held(&dev->nd_lock);
+	for (n = 0; n < dev->nd_nr_conns && dev->nd_socks[n]; n++)
+		sent[n] = !netblk_sock_disconnect(dev->nd_socks[n]);
+	for (i = 0; i < n; i++)
+		if (sent[i])
+			netblk_sock_wait_closed(dev->nd_socks[i], deadline);
+}
+
 /**
  * netblk_conn_disconnect() - disconnect, in any state (sysfs "disconnect")
  * @dev: the device
@@ -815,9 +1024,8 @@ int netblk_conn_disconnect(struct netblk_dev *dev)
 	}
 
 	mutex_lock(&dev->nd_lock);
-	if (graceful && dev->nd_state == NETBLK_CONNECTED &&
-	    !netblk_sock_dead(dev->nd_nsock))
-		netblk_sock_disconnect(dev->nd_nsock);
+	if (graceful && dev->nd_state == NETBLK_CONNECTED)
+		netblk_conn_goodbye(dev);
 	if (!netblk_conn_idle(dev))
 		dev_info(disk_to_dev(dev->nd_disk), "disconnected\n");
 	netblk_conn_reset(dev, NETBLK_DISCONNECTED);

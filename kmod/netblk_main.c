@@ -26,7 +26,13 @@ MODULE_PARM_DESC(nr_devices,
 unsigned int netblk_queue_depth = 64;
 module_param_named(queue_depth, netblk_queue_depth, uint, 0444);
 MODULE_PARM_DESC(queue_depth,
-		 "Requests in flight per device (1-1024, default 64)");
+		 "Requests in flight per connection (1-1024, default 64)");
+
+/* 0 until set: netblk_init() picks one per online CPU. */
+unsigned int netblk_connections;
+module_param_named(connections, netblk_connections, uint, 0444);
+MODULE_PARM_DESC(connections,
+		 "Connections (and hardware queues) per device (1-16, at most one per online CPU; default: one per online CPU)");
 
 static int netblk_param_set_ms(const char *val, const struct kernel_param *kp)
 {
@@ -73,6 +79,7 @@ static int netblk_dev_create(unsigned int index, struct netblk_dev **devp)
 	if (!dev)
 		return -ENOMEM;
 	dev->nd_index = index;
+	dev->nd_nr_conns = netblk_connections;
 	netblk_conn_init(dev);
 
 	dev->nd_ctl_wq = alloc_ordered_workqueue("netblk%u-ctl",
@@ -81,7 +88,7 @@ static int netblk_dev_create(unsigned int index, struct netblk_dev **devp)
 		goto out_free_dev;
 	dev->nd_recv_wq = alloc_workqueue("netblk%u-recv",
 					  WQ_MEM_RECLAIM | WQ_HIGHPRI |
-					  WQ_UNBOUND, 1, index);
+					  WQ_UNBOUND, dev->nd_nr_conns, index);
 	if (!dev->nd_recv_wq)
 		goto out_destroy_ctl_wq;
 
@@ -148,6 +155,15 @@ static int __init netblk_check_params(void)
 		       NETBLK_MAX_QUEUE_DEPTH, netblk_queue_depth);
 		return -EINVAL;
 	}
+	if (netblk_connections > NETBLK_MAX_CONNECTIONS) {
+		pr_err("connections must be 1-%d, not %u\n",
+		       NETBLK_MAX_CONNECTIONS, netblk_connections);
+		return -EINVAL;
+	}
+	/* A hardware queue no CPU maps to would carry no I/O (as NVMe/TCP). */
+	if (!netblk_connections || netblk_connections > num_online_cpus())
+		netblk_connections = min_t(unsigned int, num_online_cpus(),
+					   NETBLK_MAX_CONNECTIONS);
 	return 0;
 }
 
@@ -201,8 +217,9 @@ static int __init netblk_init(void)
 			goto out_del_devs;
 	}
 
-	pr_info("%u device(s), block major %d, queue depth %u\n",
-		nr_devices, netblk_major, netblk_queue_depth);
+	pr_info("%u device(s), block major %d, %u connection(s) of queue depth %u\n",
+		nr_devices, netblk_major, netblk_connections,
+		netblk_queue_depth);
 	return 0;
 
 out_del_devs:

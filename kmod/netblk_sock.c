@@ -388,16 +388,18 @@ int netblk_sock_push(struct netblk_sock *nsock)
 }
 
 /**
- * netblk_sock_disconnect() - say goodbye: DISCONNECT, then wait for close
+ * netblk_sock_disconnect() - say goodbye: DISCONNECT, then stop sending
  * @nsock: the live connection, with nothing in flight
  *
  * Sends NETBLK_CMD_DISCONNECT and shuts down our sending side; the server
- * flushes and closes, and the receive worker sees the end of the stream.
- * Waits for that at most NETBLK_DISCONNECT_WAIT_MS.
+ * flushes and closes, and the receive worker sees the end of the stream
+ * (see netblk_sock_wait_closed()).
  *
  * Context: process context, may sleep.
+ * Return: 0 when sent; -EPIPE if the connection is dead; another negative
+ * errno from sock_sendmsg().
  */
-void netblk_sock_disconnect(struct netblk_sock *nsock)
+int netblk_sock_disconnect(struct netblk_sock *nsock)
 {
 	struct netblk_request hdr = {
 		.magic = cpu_to_be32(NETBLK_REQUEST_MAGIC),
@@ -414,12 +416,24 @@ void netblk_sock_disconnect(struct netblk_sock *nsock)
 		err = netblk_sock_xmit(nsock, &from, 0, &sent);
 	}
 	mutex_unlock(&nsock->ns_tx_lock);
-	if (err)
-		return;
+	if (!err)
+		kernel_sock_shutdown(nsock->ns_sock, SHUT_WR);
+	return err;
+}
 
-	kernel_sock_shutdown(nsock->ns_sock, SHUT_WR);
-	wait_for_completion_timeout(&nsock->ns_recv_done,
-				    msecs_to_jiffies(NETBLK_DISCONNECT_WAIT_MS));
+/**
+ * netblk_sock_wait_closed() - wait for the server to close after DISCONNECT
+ * @nsock: a connection netblk_sock_disconnect() said goodbye on
+ * @deadline: jiffies after which to stop waiting
+ *
+ * Context: process context, may sleep.
+ */
+void netblk_sock_wait_closed(struct netblk_sock *nsock, unsigned long deadline)
+{
+	long left = (long)(deadline - jiffies);
+
+	if (left > 0)
+		wait_for_completion_timeout(&nsock->ns_recv_done, left);
 }
 
 /*

@@ -7,7 +7,8 @@
  *   request_timeout_ms, dead_timeout_ms, reconnect_retries
  *                                      failure handling (rw, any time)
  *   connect, disconnect                write "1" (wo)
- *   state, last_error, stats           what is going on (ro)
+ *   state, last_error, stats, connections
+ *                                      what is going on (ro)
  *
  * Every store parses the whole value (one trailing newline allowed) and
  * returns -EINVAL without changing anything when it is not valid.
@@ -274,7 +275,7 @@ static ssize_t disconnect_store(struct device *d,
 }
 static DEVICE_ATTR_WO(disconnect);
 
-/* --- state, last_error, stats ------------------------------------------- */
+/* --- state, last_error, stats, connections ------------------------------ */
 
 static ssize_t state_show(struct device *d, struct device_attribute *attr,
 			  char *buf)
@@ -330,6 +331,14 @@ static ssize_t stats_show(struct device *d, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RO(stats);
 
+static ssize_t connections_show(struct device *d,
+				struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%u\n",
+			  netblk_conn_count(netblk_from_device(d)));
+}
+static DEVICE_ATTR_RO(connections);
+
 static struct attribute *netblk_attrs[] = {
 	&dev_attr_server_ip.attr,
 	&dev_attr_server_port.attr,
@@ -342,6 +351,7 @@ static struct attribute *netblk_attrs[] = {
 	&dev_attr_state.attr,
 	&dev_attr_last_error.attr,
 	&dev_attr_stats.attr,
+	&dev_attr_connections.attr,
 	NULL,
 };
 

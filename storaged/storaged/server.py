@@ -63,7 +63,14 @@ def read_passphrase(export: ExportConfig) -> bytes:
 
 
 def export_flags(config: ExportConfig) -> ExportFlag:
-    flags = ExportFlag.SEND_FLUSH | ExportFlag.SEND_FUA | ExportFlag.SEND_WRITE_ZEROES
+    # MULTI_CONN: every session of an export shares one Volume (one file,
+    # one cache), so a FLUSH on any connection covers them all.
+    flags = (
+        ExportFlag.SEND_FLUSH
+        | ExportFlag.SEND_FUA
+        | ExportFlag.SEND_WRITE_ZEROES
+        | ExportFlag.MULTI_CONN
+    )
     if config.trim:
         flags |= ExportFlag.SEND_TRIM
     return flags

@@ -1,5 +1,6 @@
 """Acknowledged data survives: FLUSH/FUA reach fdatasync, kill -9 loses
-nothing flushed, SIGTERM finishes in-flight requests and exits cleanly."""
+nothing flushed, a FLUSH covers writes made on other connections to the
+export, SIGTERM finishes in-flight requests and exits cleanly."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from storaged.client import ConnectionLost, RequestError
-from storaged.protocol.constants import BLOCK_SIZE
+from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
 from tests.storaged.stack import ServerProcess, Stack, run, serving
 
 
@@ -64,6 +65,29 @@ def test_flush_and_fua_call_fdatasync(stack: Stack, monkeypatch: pytest.MonkeyPa
             assert len(synced) == 2
             await client.trim(0, BLOCK_SIZE)
             assert len(synced) == 2
+
+    run(body())
+
+
+def test_connections_to_one_export_are_coherent(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What MULTI_CONN promises: one connection reads what another wrote (the
+    cache included), and a FLUSH on one makes the other's write durable."""
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    data = os.urandom(BLOCK_SIZE)
+
+    async def body() -> None:
+        async with serving(stack), await stack.connect() as one, await stack.connect() as other:
+            assert one.info.flags & ExportFlag.MULTI_CONN
+            assert await other.read(0, BLOCK_SIZE) == bytes(BLOCK_SIZE)  # now cached
+            await one.write(0, data)
+            assert await other.read(0, BLOCK_SIZE) == data
+            assert synced == []
+            await other.flush()
+            assert len(synced) == 1
 
     run(body())
 

@@ -305,11 +305,19 @@ def test_requests_handed_over_together_share_tls_records(stage: Stage) -> None:
         # More queued than the driver has tags: a dispatch ends where the next
         # request gets no tag, and the request before it must close the batch
         # (blk-mq flags it last): one left in an open record would only leave
-        # at its timeout, through a reconnect.
-        scheduled = int(sysfs("netblk0", "queue/nr_requests"))
-        assert scheduled > depth
-        run(*fio_command("--rw=randwrite", f"--iodepth={scheduled}",
-                         f"--iodepth_batch_submit={scheduled}", "--number_ios=4096"))  # fmt: skip
+        # at its timeout, through a reconnect.  With several hardware queues
+        # blk-mq picks no I/O scheduler, and only a scheduler holds more
+        # requests than there are tags.
+        active = sysfs("netblk0", "queue/scheduler").split("[")[1].split("]")[0]
+        set_sysfs("netblk0", "queue/scheduler", "mq-deadline")
+        try:
+            scheduled = int(sysfs("netblk0", "queue/nr_requests"))
+            assert scheduled > depth
+            run(*fio_command("--rw=randwrite", f"--iodepth={scheduled}",
+                             f"--iodepth_batch_submit={scheduled}",
+                             "--number_ios=4096"))  # fmt: skip
+        finally:
+            set_sysfs("netblk0", "queue/scheduler", active)
         final = kernel_stats("netblk0")
         assert final["write_bytes"] - after["write_bytes"] >= 4096 * 4096
         assert (final["timeouts"], final["reconnects"], final["errors"]) == (

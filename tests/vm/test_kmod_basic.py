@@ -23,6 +23,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ WRITABLE = [
     "dead_timeout_ms",
     "reconnect_retries",
 ]
-READABLE = [*WRITABLE, "state", "last_error", "stats"]
+READABLE = [*WRITABLE, "state", "last_error", "stats", "connections"]
 
 # --- the netlink contract: the drift-tested mirror of the UAPI header -----------
 
@@ -392,8 +393,10 @@ def test_modinfo_documents_parameters() -> None:
         "queue_depth",
         "handshake_timeout_ms",
         "connect_timeout_ms",
+        "connections",
     }
     assert "default 1" in params["nr_devices"]
+    assert "one per online CPU" in params["connections"]
     assert "default 64" in params["queue_depth"]
     info = subprocess.run(["modinfo", str(KO)], check=True, capture_output=True, text=True).stdout
     assert "license:        GPL" in info
@@ -413,10 +416,13 @@ def test_load_unload_50_cycles() -> None:
 
 @pytest.mark.usefixtures("unloaded")
 def test_parameters_visible_and_applied() -> None:
-    with netblk_module(nr_devices=3, queue_depth=32, handshake_timeout_ms=5000):
+    with netblk_module(nr_devices=3, queue_depth=32, handshake_timeout_ms=5000, connections=1):
         params = SYS_MODULE / "parameters"
         assert (params / "nr_devices").read_text() == "3\n"
         assert (params / "queue_depth").read_text() == "32\n"
+        # One hardware queue per connection.
+        assert (params / "connections").read_text() == "1\n"
+        assert len(list(Path("/sys/block/netblk2/mq").iterdir())) == 1
         assert (params / "handshake_timeout_ms").read_text() == "5000\n"
         assert (params / "connect_timeout_ms").read_text() == "10000\n"
         assert [p.name for p in sorted(Path("/sys/block").glob("netblk*"))] == [
@@ -438,6 +444,16 @@ def test_parameters_visible_and_applied() -> None:
 
 
 @pytest.mark.usefixtures("unloaded")
+@pytest.mark.parametrize("params", [{}, {"connections": 0}, {"connections": 16}])
+def test_connections_are_one_per_cpu_at_most(params: dict[str, int]) -> None:
+    """The default, and the cap: a hardware queue no CPU maps to would idle."""
+    cpus = min(os.cpu_count() or 1, 16)
+    with netblk_module(**params):
+        assert (SYS_MODULE / "parameters" / "connections").read_text() == f"{cpus}\n"
+        assert len(list(Path("/sys/block/netblk0/mq").iterdir())) == cpus
+
+
+@pytest.mark.usefixtures("unloaded")
 @pytest.mark.parametrize(
     "params",
     [
@@ -445,6 +461,7 @@ def test_parameters_visible_and_applied() -> None:
         {"nr_devices": 17},
         {"queue_depth": 0},
         {"queue_depth": 1025},
+        {"connections": 17},
         {"handshake_timeout_ms": 5},
         {"connect_timeout_ms": 9999999},
     ],
@@ -519,9 +536,11 @@ def test_rmmod_in_error_and_connecting_states() -> None:
 
 @pytest.fixture(scope="module")
 def netblk() -> Iterator[None]:
+    """One connection per device: the hand-driven handshakes here answer one
+    READY per connect (sets of connections: test_kmod_sets.py)."""
     if loaded():
         rmmod()
-    with netblk_module(nr_devices=2):
+    with netblk_module(nr_devices=2, connections=1):
         yield
 
 
@@ -567,6 +586,7 @@ def test_defaults(netblk: None) -> None:
         "state": "disconnected",
         "last_error": "",
         "stats": read("netblk1", "stats"),
+        "connections": "0",
     }
 
 
@@ -586,10 +606,11 @@ def test_attribute_modes(netblk: None) -> None:
         "state": 0o444,
         "last_error": 0o444,
         "stats": 0o444,
+        "connections": 0o444,
         "connect": 0o200,
         "disconnect": 0o200,
     }
-    for name in ["state", "last_error", "stats"]:
+    for name in ["state", "last_error", "stats", "connections"]:
         with pytest.raises(PermissionError):
             write("netblk0", name, "x")
 
@@ -1102,6 +1123,7 @@ class FakeServer:
         self.keyed: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
         self.log: list[tuple[int, int, int, int]] = []
+        self.requests_by_port: Counter[int] = Counter()  # client port -> requests
         self.connections = 0
         self.disconnects = 0
         self.drop_next: int | None = None  # opcode: close without replying
@@ -1132,6 +1154,7 @@ class FakeServer:
             thread.start()
 
     def serve(self, conn: socket.socket) -> None:
+        port = conn.getpeername()[1]
         with conn:
             while (hdr := recv_exact(conn, REQUEST.size)) is not None:
                 magic, flags, op, handle, offset, length, _ = REQUEST.unpack(hdr)
@@ -1141,6 +1164,7 @@ class FakeServer:
                     return
                 with self.lock:
                     self.log.append((op, flags, offset, length))
+                    self.requests_by_port[port] += 1
                     if self.drop_next == op:
                         self.drop_next = None
                         return
@@ -1272,6 +1296,7 @@ def test_io_roundtrip(served: tuple[FakeServer, FakeBridge]) -> None:
     server, _ = served
     dev = "netblk0"
     base = stats(dev)
+    assert read(dev, "connections") == "1"
     assert int(read(dev, "size")) * 512 == EXPORT_SIZE
     assert read(dev, "ro") == "0"
     assert read(dev, "queue/write_cache") == "write back"
@@ -1518,4 +1543,4 @@ def test_rmmod_while_connected(served: tuple[FakeServer, FakeBridge]) -> None:
     rmmod()
     assert not loaded()
     wait_for(lambda: server.disconnects == 1, 10, "DISCONNECT at the server")
-    insmod(nr_devices=2)  # for the fixtures' teardown
+    insmod(nr_devices=2, connections=1)  # for the fixtures' teardown

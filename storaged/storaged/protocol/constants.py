@@ -55,6 +55,7 @@ class ExportFlag(IntFlag):
     SEND_FUA = 1 << 2
     SEND_TRIM = 1 << 3
     SEND_WRITE_ZEROES = 1 << 4
+    MULTI_CONN = 1 << 5
 
 
 class LoginStatus(IntEnum):

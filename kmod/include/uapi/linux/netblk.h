@@ -47,6 +47,7 @@
 #define NETBLK_EXPORT_SEND_FUA		(1 << 2)
 #define NETBLK_EXPORT_SEND_TRIM		(1 << 3)
 #define NETBLK_EXPORT_SEND_WRITE_ZEROES	(1 << 4)
+#define NETBLK_EXPORT_MULTI_CONN	(1 << 5)	/* see docs/protocol.md */
 
 /* Login status (struct netblk_hello_reply.status). */
 #define NETBLK_LOGIN_OK			0
