@@ -25,19 +25,18 @@ from tests.vm.test_kmod_basic import (
     EXPORT_SIZE,
     OP_WRITE,
     Accepted,
-    FakeBridge,
     FakeServer,
     Genl,
     configure,
     dio_read,
     dio_write,
     disconnect,
+    fake_stack,
     install_ktls,
     netblk_module,
     read,
     stats,
     wait_for,
-    wait_state,
     write,
 )
 
@@ -60,22 +59,6 @@ def dev0(netblk: None) -> Iterator[str]:
     assert read(DEV, "state") in {"disconnected", "error"}
     yield DEV
     disconnect(DEV)
-
-
-@contextlib.contextmanager
-def fake_stack(flags: int) -> Iterator[tuple[FakeServer, FakeBridge]]:
-    server = FakeServer()
-    bridge = FakeBridge(server, flags)
-    try:
-        configure(DEV, "127.0.0.1", server.port, "fake")
-        write(DEV, "connect", "1")
-        assert wait_state(DEV, "connected", "error") == "connected", read(DEV, "last_error")
-        yield server, bridge
-    finally:
-        with contextlib.suppress(OSError):
-            write(DEV, "disconnect", "1")
-        bridge.close()
-        server.close()
 
 
 @contextlib.contextmanager
@@ -104,7 +87,7 @@ def kmsg_mark() -> int:
 
 
 def test_each_cpu_sends_on_its_own_connection(dev0: str) -> None:
-    with fake_stack(EXPORT_ALL | EXPORT_MULTI_CONN) as (server, bridge):
+    with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN) as (server, bridge):
         assert read(DEV, "connections") == str(CONNECTIONS)
         assert server.connections == CONNECTIONS
         assert bridge.handshakes == CONNECTIONS
@@ -132,7 +115,7 @@ def test_io_at_once_after_each_connect_completes_on_every_queue(dev0: str) -> No
     write(DEV, "request_timeout_ms", "5000")
     try:
         for attempt in range(10):
-            with fake_stack(EXPORT_ALL | EXPORT_MULTI_CONN):
+            with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN):
                 before = stats(DEV)
                 with ThreadPoolExecutor(CONNECTIONS) as pool:
                     done = [
@@ -159,7 +142,7 @@ def write_and_read_on(cpu: int, attempt: int) -> None:
 
 def test_without_multi_conn_the_server_gets_one_connection(dev0: str) -> None:
     mark = kmsg_mark()
-    with fake_stack(EXPORT_ALL) as (server, _):
+    with fake_stack(DEV, EXPORT_ALL) as (server, _):
         assert read(DEV, "connections") == "1"
         assert "export fake does not allow several connections; using one" in kmsg_since(mark)
         for cpu in range(CONNECTIONS):
@@ -170,7 +153,7 @@ def test_without_multi_conn_the_server_gets_one_connection(dev0: str) -> None:
 
 
 def test_losing_one_connection_reconnects_the_set(dev0: str) -> None:
-    with fake_stack(EXPORT_ALL | EXPORT_MULTI_CONN) as (server, _):
+    with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN) as (server, _):
         before = stats(DEV)
         server.drop_next = OP_WRITE
         with on_cpu(1):
