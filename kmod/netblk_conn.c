@@ -45,6 +45,10 @@ static LIST_HEAD(netblk_hs_pending);
 static DEFINE_MUTEX(netblk_hs_lock);	/* protects netblk_hs_pending */
 static atomic64_t netblk_hs_next_cookie;
 
+/* Each connection of the device's set, or attempt at one; under nd_lock. */
+#define netblk_for_each_sock(dev, i) \
+	for ((i) = 0; (i) < (dev)->nd_nr_conns && (dev)->nd_socks[i]; (i)++)
+
 static const char * const netblk_state_names[NETBLK_NR_STATES] = {
 	[NETBLK_DISCONNECTED]	= "disconnected",
 	[NETBLK_CONNECTING]	= "connecting",
@@ -251,6 +255,14 @@ static struct netblk_hs_req *netblk_hs_find(u64 cookie)
 	return NULL;
 }
 
+/* The handshake request @nsock waits on, or NULL. */
+static struct netblk_hs_req *
+netblk_hs_find_sock(const struct netblk_sock *nsock)
+{
+	lockdep_assert_held(&netblk_hs_lock);
+	return nsock->ns_hs_cookie ? netblk_hs_find(nsock->ns_hs_cookie) : NULL;
+}
+
 /**
  * netblk_hs_accept() - take the oldest handshake no helper has accepted
  *
@@ -310,13 +322,11 @@ static void netblk_hs_cancel(struct netblk_dev *dev)
 		return;
 
 	mutex_lock(&netblk_hs_lock);
-	for (i = 0; i < dev->nd_nr_conns && dev->nd_socks[i]; i++) {
-		u64 cookie = dev->nd_socks[i]->ns_hs_cookie;
-
-		dev->nd_socks[i]->ns_hs_cookie = 0;
-		req = cookie ? netblk_hs_find(cookie) : NULL;
+	netblk_for_each_sock(dev, i) {
+		req = netblk_hs_find_sock(dev->nd_socks[i]);
 		if (req)
 			list_move(&req->hr_list, &cancelled);
+		dev->nd_socks[i]->ns_hs_cookie = 0;
 	}
 	mutex_unlock(&netblk_hs_lock);
 
@@ -343,7 +353,7 @@ static unsigned int netblk_conn_take_socks(struct netblk_dev *dev,
 
 	lockdep_assert_held(&dev->nd_lock);
 	netblk_hs_cancel(dev);
-	for (n = 0; n < dev->nd_nr_conns && dev->nd_socks[n]; n++) {
+	netblk_for_each_sock(dev, n) {
 		socks[n] = dev->nd_socks[n];
 		dev->nd_socks[n] = NULL;
 		netblk_sock_kill(socks[n]);
@@ -479,6 +489,7 @@ static struct netblk_hs_req *netblk_hs_alloc(struct netblk_dev *dev,
 static void netblk_conn_hs_start(struct netblk_dev *dev)
 {
 	unsigned long timeout = msecs_to_jiffies(netblk_handshake_timeout_ms);
+	unsigned long deadline = jiffies + timeout;
 	struct netblk_hs_req *reqs[NETBLK_MAX_CONNECTIONS];
 	unsigned int i, n = dev->nd_nr_conns;
 	int err;
@@ -491,8 +502,7 @@ static void netblk_conn_hs_start(struct netblk_dev *dev)
 	}
 
 	for (i = 0; i < n; i++) {
-		reqs[i] = netblk_hs_alloc(dev, dev->nd_socks[i],
-					  jiffies + timeout);
+		reqs[i] = netblk_hs_alloc(dev, dev->nd_socks[i], deadline);
 		if (!reqs[i]) {
 			while (i--)
 				netblk_hs_put(reqs[i]);
@@ -504,7 +514,7 @@ static void netblk_conn_hs_start(struct netblk_dev *dev)
 	if (dev->nd_state == NETBLK_CONNECTING)
 		netblk_conn_set_state(dev, NETBLK_HANDSHAKING);
 	dev->nd_hs_pending = n;
-	dev->nd_hs_deadline = reqs[0]->hr_deadline;
+	dev->nd_hs_deadline = deadline;
 	mutex_lock(&netblk_hs_lock);
 	for (i = 0; i < n; i++) {
 		dev->nd_socks[i]->ns_hs_cookie = reqs[i]->hr_cookie;
@@ -651,10 +661,8 @@ static void netblk_conn_hs_timeout_work(struct work_struct *work)
 	}
 
 	mutex_lock(&netblk_hs_lock);
-	for (i = 0; i < dev->nd_nr_conns && dev->nd_socks[i]; i++) {
-		u64 cookie = dev->nd_socks[i]->ns_hs_cookie;
-
-		req = cookie ? netblk_hs_find(cookie) : NULL;
+	netblk_for_each_sock(dev, i) {
+		req = netblk_hs_find_sock(dev->nd_socks[i]);
 		if (req && !req->hr_accepted)
 			accepted = false;
 	}
@@ -673,7 +681,7 @@ static struct netblk_sock *netblk_conn_find_dead(struct netblk_dev *dev)
 	unsigned int i;
 
 	lockdep_assert_held(&dev->nd_lock);
-	for (i = 0; i < dev->nd_nr_conns && dev->nd_socks[i]; i++)
+	netblk_for_each_sock(dev, i)
 		if (netblk_sock_dead(dev->nd_socks[i]))
 			return dev->nd_socks[i];
 	return NULL;
@@ -984,7 +992,7 @@ static void netblk_conn_goodbye(struct netblk_dev *dev)
 	unsigned int i, n;
 
 	lockdep_assert_held(&dev->nd_lock);
-	for (n = 0; n < dev->nd_nr_conns && dev->nd_socks[n]; n++)
+	netblk_for_each_sock(dev, n)
 		sent[n] = !netblk_sock_disconnect(dev->nd_socks[n]);
 	for (i = 0; i < n; i++)
 		if (sent[i])
