@@ -113,10 +113,11 @@ def test_io_at_once_after_each_connect_completes_on_every_queue(dev0: str) -> No
     """udev probes the disk the moment its capacity appears while the test
     writes on every CPU: nothing may wait for the request timeout."""
     write(DEV, "request_timeout_ms", "5000")
+    start = stats(DEV)
     try:
         for attempt in range(10):
+            before = stats(DEV)  # udev's probe starts with the connect
             with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN):
-                before = stats(DEV)
                 with ThreadPoolExecutor(CONNECTIONS) as pool:
                     done = [
                         pool.submit(write_and_read_on, cpu, attempt) for cpu in range(CONNECTIONS)
@@ -129,6 +130,10 @@ def test_io_at_once_after_each_connect_completes_on_every_queue(dev0: str) -> No
                     before["reconnects"],
                     before["errors"],
                 ), attempt
+        # Also what was still in flight at a snapshot (udev's probe) and
+        # ended after it, by the timeout or the disconnect's drain.
+        end = stats(DEV)
+        assert (end["timeouts"], end["reconnects"]) == (start["timeouts"], start["reconnects"])
     finally:
         write(DEV, "request_timeout_ms", "30000")
 
