@@ -8,6 +8,7 @@
  *   netblk_dev.nd_lock       configuration and connection state machine
  *   netblk_hs_lock           the global list of pending handshakes
  *   netblk_cmd.nc_lock       one request against send, receive and timeout
+ *   netblk_queue.nq_lock     a hardware queue's dispatch batch
  *   netblk_sock.ns_tx_lock   one frame at a time on a socket
  *   netblk_dev.nd_io_lock    the I/O path's view of the state (spinlock)
  *
@@ -149,6 +150,8 @@ struct netblk_params {
  * @ns_params: export parameters, set once by the handshake's DONE
  * @ns_hs_cookie: cookie of this connection's pending handshake, 0 if none;
  *	protected by nd_lock
+ * @ns_inflight: requests sent on this connection and not yet answered,
+ *	requeued or failed; new batches go to the connection with the fewest
  * @ns_recv_work: the receive worker, runs while connected
  * @ns_recv_done: completed when the receive worker returns
  */
@@ -162,6 +165,7 @@ struct netblk_sock {
 	char ns_reason[NETBLK_REASON_LEN];
 	struct netblk_params ns_params;
 	u64 ns_hs_cookie;
+	atomic_t ns_inflight;
 	struct work_struct ns_recv_work;
 	struct completion ns_recv_done;
 };
@@ -188,6 +192,20 @@ struct netblk_cmd {
 	unsigned long nc_flags;
 	u32 nc_cookie;
 	blk_status_t nc_status;
+};
+
+/**
+ * struct netblk_queue - per hardware queue driver data
+ * @nq_lock: protects @nq_open; held across a send, so that two contexts
+ *	dispatching on one queue never lose track of an open record
+ * @nq_open: the connection on which this queue's current dispatch batch
+ *	left its TLS record open (MSG_MORE), with a reference; NULL between
+ *	batches.  The rest of the batch follows it there, and its end (the
+ *	request blk-mq marks last, or commit_rqs) pushes the record.
+ */
+struct netblk_queue {
+	struct mutex nq_lock;		/* protects nq_open */
+	struct netblk_sock *nq_open;
 };
 
 /**
@@ -222,6 +240,7 @@ struct netblk_hs_req {
  * @nd_nr_conns: connections per device, one per hardware queue
  * @nd_disk: the gendisk; its queue is nd_disk->queue
  * @nd_tag_set: blk-mq tag set
+ * @nd_queues: per hardware queue state, @nd_nr_conns of them
  * @nd_ctl_wq: ordered workqueue for the connection state machine
  * @nd_recv_wq: workqueue for the receive worker
  * @nd_ctl_lock: serialises connect, disconnect and unload
@@ -231,8 +250,9 @@ struct netblk_hs_req {
  * @nd_io_lock: protects @nd_live, @nd_state and ns_reason for readers that
  *	cannot take @nd_lock; writers hold both
  * @nd_state: enum netblk_state
- * @nd_live: per hardware queue, the connection its I/O is sent on; set
- *	only while CONNECTED, all together; borrows @nd_socks' references
+ * @nd_live: per hardware queue, its own connection (where its batches go
+ *	unless another has fewer requests in flight); set only while
+ *	CONNECTED, all together; borrows @nd_socks' references
  * @nd_socks: the connection set, or the attempt at one; NULL-terminated
  *	when shorter than @nd_nr_conns
  * @nd_conf: configuration
@@ -255,6 +275,7 @@ struct netblk_dev {
 	unsigned int nd_nr_conns;
 	struct gendisk *nd_disk;
 	struct blk_mq_tag_set nd_tag_set;
+	struct netblk_queue nd_queues[NETBLK_MAX_CONNECTIONS];
 	struct workqueue_struct *nd_ctl_wq;
 	struct workqueue_struct *nd_recv_wq;
 
@@ -333,8 +354,8 @@ bool netblk_conn_idle(const struct netblk_dev *dev);
 enum netblk_state netblk_conn_state(struct netblk_dev *dev);
 const char *netblk_conn_state_name(enum netblk_state state);
 void netblk_conn_sock_failed(struct netblk_dev *dev);
-struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev,
-				       unsigned int hwq);
+struct netblk_sock *netblk_conn_get_idlest(struct netblk_dev *dev,
+					  unsigned int hwq);
 bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq);
 unsigned int netblk_conn_count(struct netblk_dev *dev);
 void netblk_hs_init(void);

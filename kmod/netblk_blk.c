@@ -9,7 +9,9 @@
  * wrong request.
  *
  * The life of a request: queue_rq locks the command, sends it under the
- * socket's tx_lock and marks it INFLIGHT.  The receive worker finds it by
+ * socket's tx_lock and marks it INFLIGHT.  A dispatch batch (the requests
+ * blk-mq hands over until one marked last) goes to one connection, the
+ * least loaded when it starts, and leaves there in one TLS record.  The receive worker finds it by
  * handle, locks it, receives READ data straight into the bio pages, clears
  * INFLIGHT and completes it.  When the connection fails, every INFLIGHT
  * command is requeued (while reconnecting) or failed (otherwise), by
@@ -48,9 +50,13 @@ static blk_status_t netblk_error_to_status(u32 error)
 	}
 }
 
-static void netblk_inflight_set(struct netblk_dev *dev, struct netblk_cmd *cmd)
+/* @nsock: where the command is being sent */
+static void netblk_inflight_set(struct netblk_dev *dev, struct netblk_cmd *cmd,
+				struct netblk_sock *nsock)
 {
+	cmd->nc_nsock = nsock;
 	set_bit(NETBLK_CMD_INFLIGHT, &cmd->nc_flags);
+	atomic_inc(&nsock->ns_inflight);
 	atomic_inc(&dev->nd_stats.st_inflight);
 }
 
@@ -60,6 +66,8 @@ static bool netblk_inflight_clear(struct netblk_dev *dev,
 	lockdep_assert_held(&cmd->nc_lock);
 	if (!test_and_clear_bit(NETBLK_CMD_INFLIGHT, &cmd->nc_flags))
 		return false;
+	/* nc_nsock outlives INFLIGHT: see netblk_conn_reset(). */
+	atomic_dec(&cmd->nc_nsock->ns_inflight);
 	atomic_dec(&dev->nd_stats.st_inflight);
 	return true;
 }
@@ -125,17 +133,98 @@ static blk_status_t netblk_build_request(struct netblk_sock *nsock,
 	return BLK_STS_OK;
 }
 
-static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
-				    const struct blk_mq_queue_data *bd)
+/*
+ * The connection for the next request of @nq's batch: where the batch
+ * left its record open, else the least loaded.  Return: a reference, or
+ * NULL when not CONNECTED.
+ */
+static struct netblk_sock *netblk_queue_get_sock(struct netblk_dev *dev,
+						 struct netblk_queue *nq,
+						 unsigned int hwq)
 {
-	struct request *rq = bd->rq;
+	lockdep_assert_held(&nq->nq_lock);
+	if (nq->nq_open) {
+		if (!netblk_sock_dead(nq->nq_open)) {
+			netblk_sock_get(nq->nq_open);
+			return nq->nq_open;
+		}
+		/* The set is being reset; its record goes with it. */
+		netblk_sock_put(nq->nq_open);
+		nq->nq_open = NULL;
+	}
+	return netblk_conn_get_idlest(dev, hwq);
+}
+
+/* End @nq's batch: send the record it left open, if any. */
+static void netblk_queue_end_batch(struct netblk_queue *nq)
+{
+	int err;
+
+	lockdep_assert_held(&nq->nq_lock);
+	if (!nq->nq_open)
+		return;
+	err = netblk_sock_push(nq->nq_open);
+	if (err && err != -EPIPE)
+		netblk_sock_fail(nq->nq_open, "send failed (error %d)", err);
+	netblk_sock_put(nq->nq_open);
+	nq->nq_open = NULL;
+}
+
+/*
+ * Send @rq on @nsock as part of @nq's batch and keep the batch's record
+ * state.  Return: as queue_rq.
+ */
+static blk_status_t netblk_queue_send(struct netblk_dev *dev,
+				      struct netblk_queue *nq,
+				      struct netblk_sock *nsock,
+				      struct request *rq, bool last)
+{
 	struct netblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
-	struct netblk_dev *dev = cmd->nc_dev;
 	struct netblk_request hdr;
-	struct netblk_sock *nsock;
 	blk_status_t sts;
 	int sent = 0;
 	int err;
+
+	lockdep_assert_held(&nq->nq_lock);
+	sts = netblk_build_request(nsock, rq, &hdr);
+	if (sts)
+		return sts;
+
+	cmd->nc_cookie++;
+	hdr.handle = cpu_to_be64(netblk_handle(cmd, rq));
+	netblk_inflight_set(dev, cmd, nsock);
+	err = netblk_sock_send_rq(nsock, rq, &hdr, !last, &sent);
+	if (!err) {
+		if (last) {
+			/* This frame pushed the batch's record. */
+			if (nq->nq_open)
+				netblk_sock_put(nq->nq_open);
+			nq->nq_open = NULL;
+		} else if (!nq->nq_open) {
+			netblk_sock_get(nsock);
+			nq->nq_open = nsock;
+		}
+		return BLK_STS_OK;
+	}
+
+	netblk_inflight_clear(dev, cmd);
+	if ((err == -ERESTARTSYS || err == -EINTR) && !sent) {
+		/* A signal in the submitter; retry from a worker. */
+		return BLK_STS_RESOURCE;
+	}
+	netblk_sock_fail(nsock, "send failed (error %d)", err);
+	return netblk_conn_requeue(dev, rq) ? BLK_STS_OK : BLK_STS_IOERR;
+}
+
+static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
+				    const struct blk_mq_queue_data *bd)
+{
+	struct netblk_queue *nq = hctx->driver_data;
+	struct request *rq = bd->rq;
+	struct netblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+	struct netblk_dev *dev = cmd->nc_dev;
+	struct netblk_sock *nsock;
+	blk_status_t sts;
 
 	/*
 	 * Hold the command across the send so that a fast reply (or a reset)
@@ -146,35 +235,22 @@ static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	clear_bit(NETBLK_CMD_STUCK, &cmd->nc_flags);
 	blk_mq_start_request(rq);
 
-	nsock = netblk_conn_get_live(dev, hctx->queue_num);
-	if (!nsock) {
-		sts = netblk_conn_requeue(dev, rq) ? BLK_STS_OK : BLK_STS_IOERR;
-		goto out_unlock;
-	}
-
-	sts = netblk_build_request(nsock, rq, &hdr);
-	if (sts)
-		goto out_put;
-
-	cmd->nc_cookie++;
-	hdr.handle = cpu_to_be64(netblk_handle(cmd, rq));
-	cmd->nc_nsock = nsock;
-	netblk_inflight_set(dev, cmd);
-	err = netblk_sock_send_rq(nsock, rq, &hdr, !bd->last, &sent);
-	if (err) {
-		netblk_inflight_clear(dev, cmd);
-		if ((err == -ERESTARTSYS || err == -EINTR) && !sent) {
-			/* A signal in the submitter; retry from a worker. */
-			sts = BLK_STS_RESOURCE;
-			goto out_put;
-		}
-		netblk_sock_fail(nsock, "send failed (error %d)", err);
+	mutex_lock(&nq->nq_lock);
+	nsock = netblk_queue_get_sock(dev, nq, hctx->queue_num);
+	if (nsock) {
+		sts = netblk_queue_send(dev, nq, nsock, rq, bd->last);
+		netblk_sock_put(nsock);
+	} else {
 		sts = netblk_conn_requeue(dev, rq) ? BLK_STS_OK : BLK_STS_IOERR;
 	}
+	/*
+	 * A batch whose last request was not sent ends here; blk-mq calls
+	 * commit_rqs only when a request failed or was refused.
+	 */
+	if (bd->last)
+		netblk_queue_end_batch(nq);
+	mutex_unlock(&nq->nq_lock);
 
-out_put:
-	netblk_sock_put(nsock);
-out_unlock:
 	mutex_unlock(&cmd->nc_lock);
 	if (sts && sts != BLK_STS_RESOURCE)
 		atomic64_inc(&dev->nd_stats.st_errors);
@@ -187,17 +263,20 @@ out_unlock:
  */
 static void netblk_commit_rqs(struct blk_mq_hw_ctx *hctx)
 {
-	struct netblk_dev *dev = hctx->queue->queuedata;
-	struct netblk_sock *nsock;
-	int err;
+	struct netblk_queue *nq = hctx->driver_data;
 
-	nsock = netblk_conn_get_live(dev, hctx->queue_num);
-	if (!nsock)
-		return;
-	err = netblk_sock_push(nsock);
-	if (err && err != -EPIPE)
-		netblk_sock_fail(nsock, "send failed (error %d)", err);
-	netblk_sock_put(nsock);
+	mutex_lock(&nq->nq_lock);
+	netblk_queue_end_batch(nq);
+	mutex_unlock(&nq->nq_lock);
+}
+
+static int netblk_init_hctx(struct blk_mq_hw_ctx *hctx, void *data,
+			    unsigned int hctx_idx)
+{
+	struct netblk_dev *dev = data;
+
+	hctx->driver_data = &dev->nd_queues[hctx_idx];
+	return 0;
 }
 
 static void netblk_fail_rq(struct netblk_dev *dev, struct request *rq,
@@ -219,12 +298,13 @@ static enum blk_eh_timer_return netblk_timeout(struct request *rq)
 	if (!mutex_trylock(&cmd->nc_lock)) {
 		/*
 		 * A sender or the receiver holds the command.  That is normal
-		 * for an instant; for a whole timeout period it means the
-		 * socket is stuck, and killing it frees the holder.
+		 * for an instant; for a whole timeout period it means a
+		 * socket is stuck, and failing any connection of the set
+		 * resets them all, which frees the holder.
 		 */
 		if (test_and_set_bit(NETBLK_CMD_STUCK, &cmd->nc_flags)) {
-			nsock = netblk_conn_get_live(dev,
-						     rq->mq_hctx->queue_num);
+			nsock = netblk_conn_get_idlest(dev,
+						       rq->mq_hctx->queue_num);
 			if (nsock) {
 				netblk_sock_fail(nsock, "request timed out");
 				netblk_sock_put(nsock);
@@ -280,6 +360,7 @@ static void netblk_exit_request(struct blk_mq_tag_set *set, struct request *rq,
 static const struct blk_mq_ops netblk_mq_ops = {
 	.queue_rq	= netblk_queue_rq,
 	.commit_rqs	= netblk_commit_rqs,
+	.init_hctx	= netblk_init_hctx,
 	.complete	= netblk_complete_rq,
 	.timeout	= netblk_timeout,
 	.init_request	= netblk_init_request,
@@ -520,6 +601,14 @@ void netblk_blk_set_timeout(struct netblk_dev *dev, u32 timeout_ms)
 			     msecs_to_jiffies(timeout_ms));
 }
 
+static void netblk_blk_destroy_queues(struct netblk_dev *dev)
+{
+	unsigned int i;
+
+	for (i = 0; i < dev->nd_nr_conns; i++)
+		mutex_destroy(&dev->nd_queues[i].nq_lock);
+}
+
 /**
  * netblk_blk_init() - allocate the tag set and the (not yet added) disk
  * @dev: the device; nd_index, nd_nr_conns and nd_conf are set
@@ -531,7 +620,11 @@ int netblk_blk_init(struct netblk_dev *dev)
 	struct blk_mq_tag_set *set = &dev->nd_tag_set;
 	struct request_queue *q;
 	struct gendisk *disk;
+	unsigned int i;
 	int err;
+
+	for (i = 0; i < dev->nd_nr_conns; i++)
+		mutex_init(&dev->nd_queues[i].nq_lock);
 
 	set->ops = &netblk_mq_ops;
 	set->nr_hw_queues = dev->nd_nr_conns;
@@ -544,7 +637,7 @@ int netblk_blk_init(struct netblk_dev *dev)
 
 	err = blk_mq_alloc_tag_set(set);
 	if (err)
-		return err;
+		goto out_destroy_queues;
 
 	disk = blk_mq_alloc_disk(set, dev);
 	if (IS_ERR(disk)) {
@@ -576,6 +669,8 @@ int netblk_blk_init(struct netblk_dev *dev)
 
 out_free_tag_set:
 	blk_mq_free_tag_set(set);
+out_destroy_queues:
+	netblk_blk_destroy_queues(dev);
 	return err;
 }
 
@@ -587,6 +682,7 @@ void netblk_blk_exit(struct netblk_dev *dev)
 {
 	put_disk(dev->nd_disk);
 	blk_mq_free_tag_set(&dev->nd_tag_set);
+	netblk_blk_destroy_queues(dev);
 }
 
 /**

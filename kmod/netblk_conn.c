@@ -130,24 +130,34 @@ void netblk_conn_set_error(struct netblk_dev *dev, const char *fmt, ...)
 }
 
 /**
- * netblk_conn_get_live() - the connection a hardware queue sends I/O on
+ * netblk_conn_get_idlest() - the connection to start a dispatch batch on
  * @dev: the device
- * @hwq: the hardware queue's index
+ * @hwq: the dispatching hardware queue's index
  *
- * Return: the live connection with a reference, or NULL when not
- * CONNECTED.
+ * The live connection with the fewest requests in flight, the queue's own
+ * on a tie: one submitting thread (whose CPU maps to one queue) keeps
+ * every connection of the set, and the server thread behind each, busy.
+ *
+ * Return: the connection with a reference, or NULL when not CONNECTED.
  */
-struct netblk_sock *netblk_conn_get_live(struct netblk_dev *dev,
-					 unsigned int hwq)
+struct netblk_sock *netblk_conn_get_idlest(struct netblk_dev *dev,
+					  unsigned int hwq)
 {
-	struct netblk_sock *nsock;
+	struct netblk_sock *best, *nsock;
+	unsigned int i;
 
 	spin_lock(&dev->nd_io_lock);
-	nsock = dev->nd_live[hwq];
-	if (nsock)
-		netblk_sock_get(nsock);
+	best = dev->nd_live[hwq];
+	for (i = 0; best && i < dev->nd_nr_conns; i++) {
+		nsock = dev->nd_live[i];
+		if (atomic_read(&nsock->ns_inflight) <
+		    atomic_read(&best->ns_inflight))
+			best = nsock;
+	}
+	if (best)
+		netblk_sock_get(best);
 	spin_unlock(&dev->nd_io_lock);
-	return nsock;
+	return best;
 }
 
 /**

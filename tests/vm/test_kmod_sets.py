@@ -1,10 +1,11 @@
 """netblk.ko with a set of connections per device (connections=2).
 
 One connection per hardware queue: the set is handshaken as a unit (one
-READY per connection, CONNECTED after the last DONE), I/O submitted on each
-CPU leaves on that CPU's connection, losing one connection reconnects the
-whole set, and a server without NETBLK_EXPORT_MULTI_CONN gets one
-connection.  The fake server and fake tls-bridge are test_kmod_basic's.
+READY per connection, CONNECTED after the last DONE), each dispatch batch
+goes to the least loaded connection so that one submitting thread keeps
+them all busy, losing one connection reconnects the whole set, and a
+server without NETBLK_EXPORT_MULTI_CONN gets one connection.  The fake
+server and fake tls-bridge are test_kmod_basic's.
 """
 
 from __future__ import annotations
@@ -86,27 +87,55 @@ def kmsg_mark() -> int:
     return len(subprocess.run(["dmesg"], check=True, capture_output=True, text=True).stdout)
 
 
-def test_each_cpu_sends_on_its_own_connection(dev0: str) -> None:
-    with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN) as (server, bridge):
-        assert read(DEV, "connections") == str(CONNECTIONS)
-        assert server.connections == CONNECTIONS
-        assert bridge.handshakes == CONNECTIONS
-        assert int(read(DEV, "size")) * 512 == EXPORT_SIZE
+def test_one_submitter_keeps_every_connection_busy(dev0: str) -> None:
+    """One thread on one CPU (one hardware queue) submitting at depth, in
+    batches blk-mq hands over with bd->last false: every connection carries
+    a share, and no batch's record is left open (that would wait for the
+    request timeout)."""
+    write(DEV, "request_timeout_ms", "5000")
+    try:
+        with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN) as (server, bridge):
+            assert read(DEV, "connections") == str(CONNECTIONS)
+            assert server.connections == CONNECTIONS
+            assert bridge.handshakes == CONNECTIONS
+            assert int(read(DEV, "size")) * 512 == EXPORT_SIZE
+            before = stats(DEV)
+            with server.lock:
+                server.requests_by_port.clear()
 
-        written = {cpu: os.urandom(1 << 16) for cpu in range(CONNECTIONS)}
-        for cpu, data in written.items():
-            with on_cpu(cpu):
-                dio_write(cpu << 20, data)
-        assert len(ports_used(server)) == CONNECTIONS
+            subprocess.run(
+                ["fio", "--name=one-cpu", f"--filename=/dev/{DEV}", "--ioengine=libaio",
+                 "--direct=1", "--cpus_allowed=0", "--rw=randwrite", "--bs=4k",
+                 f"--size={EXPORT_SIZE}", "--iodepth=32", "--iodepth_batch_submit=8",
+                 "--number_ios=2048", "--output-format=terse"],
+                check=True, capture_output=True, timeout=300,
+            )  # fmt: skip
 
-        # What one connection wrote, the other reads back.
-        for cpu, data in written.items():
-            with on_cpu((cpu + 1) % CONNECTIONS):
-                assert dio_read(cpu << 20, len(data)) == data
+            after = stats(DEV)
+            assert after["write_requests"] - before["write_requests"] >= 2048
+            assert (after["timeouts"], after["reconnects"], after["errors"]) == (
+                before["timeouts"],
+                before["reconnects"],
+                before["errors"],
+            )
+            with server.lock:
+                shares = sorted(server.requests_by_port.values())
+            assert len(shares) == CONNECTIONS, shares
+            assert shares[0] * 4 >= sum(shares) // CONNECTIONS, shares
+            print("requests per connection:", shares)
 
-        disconnect(DEV)
-        assert read(DEV, "connections") == "0"
-        wait_for(lambda: server.disconnects == CONNECTIONS, 10, "DISCONNECT on every connection")
+            # What one CPU wrote, the other reads back.
+            data = os.urandom(1 << 16)
+            with on_cpu(0):
+                dio_write(1 << 20, data)
+            with on_cpu(1):
+                assert dio_read(1 << 20, len(data)) == data
+
+            disconnect(DEV)
+            assert read(DEV, "connections") == "0"
+            wait_for(lambda: server.disconnects == CONNECTIONS, 10, "DISCONNECT on each")
+    finally:
+        write(DEV, "request_timeout_ms", "30000")
 
 
 def test_io_at_once_after_each_connect_completes_on_every_queue(dev0: str) -> None:
