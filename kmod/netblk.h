@@ -44,6 +44,11 @@
 #define NETBLK_BACKOFF_MAX_MS		5000
 #define NETBLK_DISCONNECT_WAIT_MS	2000
 #define NETBLK_DRAIN_MAX_MS		30000
+/*
+ * A batch leaves its queue's connection when that has this much more
+ * payload in flight than the least loaded one: see netblk_conn_choose().
+ */
+#define NETBLK_SPILL_BYTES		(1UL << 20)
 
 /* A TRIM or WRITE_ZEROES length must fit the 32-bit length field. */
 #define NETBLK_MAX_RANGE_SECTORS \
@@ -150,8 +155,8 @@ struct netblk_params {
  * @ns_params: export parameters, set once by the handshake's DONE
  * @ns_hs_cookie: cookie of this connection's pending handshake, 0 if none;
  *	protected by nd_lock
- * @ns_inflight: requests sent on this connection and not yet answered,
- *	requeued or failed; new batches go to the connection with the fewest
+ * @ns_inflight_bytes: READ and WRITE payload sent on this connection and
+ *	not yet answered, requeued or failed; see netblk_conn_choose()
  * @ns_recv_work: the receive worker, runs while connected
  * @ns_recv_done: completed when the receive worker returns
  */
@@ -165,7 +170,7 @@ struct netblk_sock {
 	char ns_reason[NETBLK_REASON_LEN];
 	struct netblk_params ns_params;
 	u64 ns_hs_cookie;
-	atomic_t ns_inflight;
+	atomic_long_t ns_inflight_bytes;
 	struct work_struct ns_recv_work;
 	struct completion ns_recv_done;
 };
@@ -251,7 +256,7 @@ struct netblk_hs_req {
  *	cannot take @nd_lock; writers hold both
  * @nd_state: enum netblk_state
  * @nd_live: per hardware queue, its own connection (where its batches go
- *	unless another has fewer requests in flight); set only while
+ *	unless it is much busier than another); set only while
  *	CONNECTED, all together; borrows @nd_socks' references
  * @nd_socks: the connection set, or the attempt at one; NULL-terminated
  *	when shorter than @nd_nr_conns
@@ -354,8 +359,8 @@ bool netblk_conn_idle(const struct netblk_dev *dev);
 enum netblk_state netblk_conn_state(struct netblk_dev *dev);
 const char *netblk_conn_state_name(enum netblk_state state);
 void netblk_conn_sock_failed(struct netblk_dev *dev);
-struct netblk_sock *netblk_conn_get_idlest(struct netblk_dev *dev,
-					  unsigned int hwq);
+struct netblk_sock *netblk_conn_choose(struct netblk_dev *dev,
+				       unsigned int hwq);
 bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq);
 unsigned int netblk_conn_count(struct netblk_dev *dev);
 void netblk_hs_init(void);

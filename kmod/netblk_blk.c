@@ -10,10 +10,11 @@
  *
  * The life of a request: queue_rq locks the command, sends it under the
  * socket's tx_lock and marks it INFLIGHT.  A dispatch batch (the requests
- * blk-mq hands over until one marked last) goes to one connection, the
- * least loaded when it starts, and leaves there in one TLS record.  The receive worker finds it by
- * handle, locks it, receives READ data straight into the bio pages, clears
- * INFLIGHT and completes it.  When the connection fails, every INFLIGHT
+ * blk-mq hands over until one marked last) goes to one connection, chosen
+ * when it starts (netblk_conn_choose()), and leaves there in one TLS
+ * record.  The receive worker finds a request by handle, locks it,
+ * receives READ data straight into the bio pages, clears INFLIGHT and
+ * completes it.  When the connection fails, every INFLIGHT
  * command is requeued (while reconnecting) or failed (otherwise), by
  * whoever first clears INFLIGHT under the command's lock: the timeout
  * handler, a failed send, or the connection reset.
@@ -50,13 +51,27 @@ static blk_status_t netblk_error_to_status(u32 error)
 	}
 }
 
+/* What a request adds to its connection's ns_inflight_bytes. */
+static long netblk_payload(struct netblk_cmd *cmd)
+{
+	struct request *rq = blk_mq_rq_from_pdu(cmd);
+
+	switch (req_op(rq)) {
+	case REQ_OP_READ:
+	case REQ_OP_WRITE:
+		return blk_rq_bytes(rq);
+	default:
+		return 0;
+	}
+}
+
 /* @nsock: where the command is being sent */
 static void netblk_inflight_set(struct netblk_dev *dev, struct netblk_cmd *cmd,
 				struct netblk_sock *nsock)
 {
 	cmd->nc_nsock = nsock;
 	set_bit(NETBLK_CMD_INFLIGHT, &cmd->nc_flags);
-	atomic_inc(&nsock->ns_inflight);
+	atomic_long_add(netblk_payload(cmd), &nsock->ns_inflight_bytes);
 	atomic_inc(&dev->nd_stats.st_inflight);
 }
 
@@ -67,7 +82,7 @@ static bool netblk_inflight_clear(struct netblk_dev *dev,
 	if (!test_and_clear_bit(NETBLK_CMD_INFLIGHT, &cmd->nc_flags))
 		return false;
 	/* nc_nsock outlives INFLIGHT: see netblk_conn_reset(). */
-	atomic_dec(&cmd->nc_nsock->ns_inflight);
+	atomic_long_sub(netblk_payload(cmd), &cmd->nc_nsock->ns_inflight_bytes);
 	atomic_dec(&dev->nd_stats.st_inflight);
 	return true;
 }
@@ -135,8 +150,8 @@ static blk_status_t netblk_build_request(struct netblk_sock *nsock,
 
 /*
  * The connection for the next request of @nq's batch: where the batch
- * left its record open, else the least loaded.  Return: a reference, or
- * NULL when not CONNECTED.
+ * left its record open, else netblk_conn_choose()'s.  Return: a reference,
+ * or NULL when not CONNECTED.
  */
 static struct netblk_sock *netblk_queue_get_sock(struct netblk_dev *dev,
 						 struct netblk_queue *nq,
@@ -152,7 +167,7 @@ static struct netblk_sock *netblk_queue_get_sock(struct netblk_dev *dev,
 		netblk_sock_put(nq->nq_open);
 		nq->nq_open = NULL;
 	}
-	return netblk_conn_get_idlest(dev, hwq);
+	return netblk_conn_choose(dev, hwq);
 }
 
 /* End @nq's batch: send the record it left open, if any. */
@@ -303,8 +318,8 @@ static enum blk_eh_timer_return netblk_timeout(struct request *rq)
 		 * resets them all, which frees the holder.
 		 */
 		if (test_and_set_bit(NETBLK_CMD_STUCK, &cmd->nc_flags)) {
-			nsock = netblk_conn_get_idlest(dev,
-						       rq->mq_hctx->queue_num);
+			nsock = netblk_conn_choose(dev,
+						   rq->mq_hctx->queue_num);
 			if (nsock) {
 				netblk_sock_fail(nsock, "request timed out");
 				netblk_sock_put(nsock);

@@ -130,32 +130,47 @@ void netblk_conn_set_error(struct netblk_dev *dev, const char *fmt, ...)
 }
 
 /**
- * netblk_conn_get_idlest() - the connection to start a dispatch batch on
+ * netblk_conn_choose() - the connection to start a dispatch batch on
  * @dev: the device
  * @hwq: the dispatching hardware queue's index
  *
- * The live connection with the fewest requests in flight, the queue's own
- * on a tie: one submitting thread (whose CPU maps to one queue) keeps
- * every connection of the set, and the server thread behind each, busy.
+ * The queue's own connection, unless it has NETBLK_SPILL_BYTES more READ
+ * and WRITE payload in flight than the least loaded one, which then gets
+ * the batch.  Large transfers are bound by their crypto, which the server
+ * runs in parallel per connection, so one submitting thread (whose CPU maps
+ * to one queue) spreads them over the set.  Small requests stay together,
+ * where the server answers many with one receive and one send; their cost
+ * is per request, which more connections do not divide.
  *
  * Return: the connection with a reference, or NULL when not CONNECTED.
  */
-struct netblk_sock *netblk_conn_get_idlest(struct netblk_dev *dev,
-					  unsigned int hwq)
+struct netblk_sock *netblk_conn_choose(struct netblk_dev *dev,
+				       unsigned int hwq)
 {
-	struct netblk_sock *best, *nsock;
+	struct netblk_sock *own, *best, *nsock;
+	long own_bytes, best_bytes, bytes;
 	unsigned int i;
 
 	spin_lock(&dev->nd_io_lock);
-	best = dev->nd_live[hwq];
-	for (i = 0; best && i < dev->nd_nr_conns; i++) {
-		nsock = dev->nd_live[i];
-		if (atomic_read(&nsock->ns_inflight) <
-		    atomic_read(&best->ns_inflight))
-			best = nsock;
+	own = dev->nd_live[hwq];
+	if (!own) {
+		spin_unlock(&dev->nd_io_lock);
+		return NULL;
 	}
-	if (best)
-		netblk_sock_get(best);
+	best = own;
+	own_bytes = atomic_long_read(&own->ns_inflight_bytes);
+	best_bytes = own_bytes;
+	for (i = 0; i < dev->nd_nr_conns; i++) {
+		nsock = dev->nd_live[i];
+		bytes = atomic_long_read(&nsock->ns_inflight_bytes);
+		if (bytes < best_bytes) {
+			best = nsock;
+			best_bytes = bytes;
+		}
+	}
+	if (own_bytes - best_bytes < NETBLK_SPILL_BYTES)
+		best = own;
+	netblk_sock_get(best);
 	spin_unlock(&dev->nd_io_lock);
 	return best;
 }

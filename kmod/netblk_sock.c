@@ -83,7 +83,7 @@ struct netblk_sock *netblk_sock_create(struct netblk_dev *dev, int family)
 	nsock->ns_sock = sock;
 	nsock->ns_file = file;
 	mutex_init(&nsock->ns_tx_lock);
-	atomic_set(&nsock->ns_inflight, 0);
+	atomic_long_set(&nsock->ns_inflight_bytes, 0);
 	INIT_WORK(&nsock->ns_recv_work, netblk_sock_recv_work);
 	init_completion(&nsock->ns_recv_done);
 	return nsock;

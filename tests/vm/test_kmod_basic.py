@@ -1123,7 +1123,7 @@ class FakeServer:
         self.keyed: dict[int, threading.Event] = {}
         self.lock = threading.Lock()
         self.log: list[tuple[int, int, int, int]] = []
-        self.requests_by_port: Counter[int] = Counter()  # client port -> requests
+        self.requests_by_port: Counter[tuple[int, int]] = Counter()  # (client port, op) -> requests
         self.connections = 0
         self.disconnects = 0
         self.drop_next: int | None = None  # opcode: close without replying
@@ -1164,7 +1164,7 @@ class FakeServer:
                     return
                 with self.lock:
                     self.log.append((op, flags, offset, length))
-                    self.requests_by_port[port] += 1
+                    self.requests_by_port[port, op] += 1
                     if self.drop_next == op:
                         self.drop_next = None
                         return
