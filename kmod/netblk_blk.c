@@ -148,6 +148,15 @@ static blk_status_t netblk_build_request(struct netblk_sock *nsock,
 	return BLK_STS_OK;
 }
 
+/* Drop @nq's open record's connection: the record is sent or lost. */
+static void netblk_queue_forget(struct netblk_queue *nq)
+{
+	lockdep_assert_held(&nq->nq_lock);
+	if (nq->nq_open)
+		netblk_sock_put(nq->nq_open);
+	nq->nq_open = NULL;
+}
+
 /*
  * The connection for the next request of @nq's batch: where the batch
  * left its record open, else netblk_conn_choose()'s.  Return: a reference,
@@ -164,8 +173,7 @@ static struct netblk_sock *netblk_queue_get_sock(struct netblk_dev *dev,
 			return nq->nq_open;
 		}
 		/* The set is being reset; its record goes with it. */
-		netblk_sock_put(nq->nq_open);
-		nq->nq_open = NULL;
+		netblk_queue_forget(nq);
 	}
 	return netblk_conn_choose(dev, hwq);
 }
@@ -181,8 +189,7 @@ static void netblk_queue_end_batch(struct netblk_queue *nq)
 	err = netblk_sock_push(nq->nq_open);
 	if (err && err != -EPIPE)
 		netblk_sock_fail(nq->nq_open, "send failed (error %d)", err);
-	netblk_sock_put(nq->nq_open);
-	nq->nq_open = NULL;
+	netblk_queue_forget(nq);
 }
 
 /*
@@ -212,9 +219,7 @@ static blk_status_t netblk_queue_send(struct netblk_dev *dev,
 	if (!err) {
 		if (last) {
 			/* This frame pushed the batch's record. */
-			if (nq->nq_open)
-				netblk_sock_put(nq->nq_open);
-			nq->nq_open = NULL;
+			netblk_queue_forget(nq);
 		} else if (!nq->nq_open) {
 			netblk_sock_get(nsock);
 			nq->nq_open = nsock;

@@ -115,36 +115,50 @@ def test_each_cpu_sends_small_requests_on_its_own_connection(dev0: str) -> None:
         wait_for(lambda: server.disconnects == CONNECTIONS, 10, "DISCONNECT on each")
 
 
+def writes_from_one_cpu(server: FakeServer, *fio_args: str) -> list[int]:
+    """Run fio pinned to CPU 0 (one hardware queue) with ``fio_args``; check
+    that no request waited for the timeout (a batch's record left open
+    would); return the WRITEs per connection, fewest first."""
+    before = stats(DEV)
+    with server.lock:
+        server.requests_by_port.clear()
+    subprocess.run(
+        ["fio", "--name=one-cpu", f"--filename=/dev/{DEV}", "--ioengine=libaio", "--direct=1",
+         "--cpus_allowed=0", f"--size={EXPORT_SIZE}", "--output-format=terse", *fio_args],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    after = stats(DEV)
+    assert (after["timeouts"], after["reconnects"], after["errors"]) == (
+        before["timeouts"],
+        before["reconnects"],
+        before["errors"],
+    )
+    return sorted(writes_by_port(server).values())
+
+
 def test_one_submitter_spreads_large_requests_over_the_set(dev0: str) -> None:
-    """One thread on one CPU (one hardware queue) writing 256 KiB at depth
-    16, in batches blk-mq hands over with bd->last false: once its own
-    connection has a MiB more in flight the batches spill to the other, and
-    no batch's record is left open (it would wait for the request timeout)."""
+    """One thread on one CPU in batches blk-mq hands over with bd->last
+    false: 256 KiB writes at depth 16 spill to the other connection once its
+    own has a MiB more in flight; 4 KiB writes at depth 32 (128 KiB in
+    flight) never do."""
     write(DEV, "request_timeout_ms", "5000")
     try:
         with fake_stack(DEV, EXPORT_ALL | EXPORT_MULTI_CONN) as (server, _):
             before = stats(DEV)
-            with server.lock:
-                server.requests_by_port.clear()
-            subprocess.run(
-                ["fio", "--name=one-cpu", f"--filename=/dev/{DEV}", "--ioengine=libaio",
-                 "--direct=1", "--cpus_allowed=0", "--rw=write", "--bs=256k",
-                 f"--size={EXPORT_SIZE}", "--iodepth=16", "--iodepth_batch_submit=4",
-                 "--loops=4", "--output-format=terse"],
-                check=True, capture_output=True, timeout=300,
+            shares = writes_from_one_cpu(
+                server, "--rw=write", "--bs=256k", "--iodepth=16", "--iodepth_batch_submit=4",
+                "--loops=4",
             )  # fmt: skip
-
-            after = stats(DEV)
-            assert after["write_bytes"] - before["write_bytes"] >= 4 * EXPORT_SIZE
-            assert (after["timeouts"], after["reconnects"], after["errors"]) == (
-                before["timeouts"],
-                before["reconnects"],
-                before["errors"],
-            )
-            shares = sorted(writes_by_port(server).values())
-            print("writes per connection:", shares)
+            assert stats(DEV)["write_bytes"] - before["write_bytes"] >= 4 * EXPORT_SIZE
+            print("256 KiB writes per connection:", shares)
             assert len(shares) == CONNECTIONS, shares
             assert shares[0] * 4 >= sum(shares) // CONNECTIONS, shares
+
+            shares = writes_from_one_cpu(
+                server, "--rw=randwrite", "--bs=4k", "--iodepth=32", "--iodepth_batch_submit=8",
+                "--number_ios=1024",
+            )  # fmt: skip
+            assert len(shares) == 1 and shares[0] >= 1024, shares
     finally:
         write(DEV, "request_timeout_ms", "30000")
 
