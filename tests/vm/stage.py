@@ -19,6 +19,7 @@ from pathlib import Path
 from storaged.cli import main as storaged_cli
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import ServerProcess, Stack
+from tests.tls_bridge.conftest import RELAXED_THROTTLE
 from tests.vm.module import insmod, rmmod
 
 SYS = Path("/sys/block")
@@ -133,7 +134,8 @@ def running_stage(pki: PkiFiles, root: Path) -> Iterator[Stage]:
     """netblk.ko (two devices), storaged and tls-bridge, torn down after."""
     subprocess.run(["modprobe", "tls"], check=True)
     insmod(nr_devices=2)
-    stack = Stack(pki=pki, root=root, volume_size=VOLUME)
+    # The bad-credential tests fail a login on every connection of a set.
+    stack = Stack(pki=pki, root=root, volume_size=VOLUME, extra_config=RELAXED_THROTTLE)
     storaged = ServerProcess(stack)
     storaged.start()
     bridge = BridgeProcess(stack.root, bridge_config(stack))
