@@ -43,10 +43,12 @@ class Access(enum.Enum):
 
 
 @dataclass(frozen=True)
-class TlsFiles:
+class TlsSettings:
     cert: Path
     key: Path
     ca: Path
+    #: Let the kernel seal records where it can (``tls.kernel_tls``).
+    kernel_tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class LoginPolicy:
 
 @dataclass(frozen=True)
 class Config:
-    tls: TlsFiles
+    tls: TlsSettings
     clients: Mapping[str, ClientConfig] = field(default_factory=dict)
     exports: Mapping[str, ExportConfig] = field(default_factory=dict)
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -141,10 +143,11 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
         raw = table.require(name, str) if required else table.get(name, str)
         return None if raw is None else (base / raw).resolve()
 
-    tls = TlsFiles(
+    tls = TlsSettings(
         cert=_some(path_of(tls_table, "cert")),
         key=_some(path_of(tls_table, "key")),
         ca=_some(path_of(tls_table, "ca")),
+        kernel_tls=tls_table.get("kernel_tls", bool, True),
     )
     clients = _parse_clients(root.table("clients"))
     exports = _parse_exports(root.table("exports"), clients, base)

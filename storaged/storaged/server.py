@@ -122,7 +122,10 @@ class StorageServer:
             )
 
     async def start(self) -> None:
-        tls = server_context(self.config.tls.cert, self.config.tls.key, self.config.tls.ca)
+        settings = self.config.tls
+        tls = server_context(
+            settings.cert, settings.key, settings.ca, kernel_tls=settings.kernel_tls
+        )
         limits = SessionLimits(
             max_inflight=self.config.max_inflight,
             max_inflight_bytes=self.config.max_inflight_bytes,

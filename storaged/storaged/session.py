@@ -49,7 +49,7 @@ from storaged.protocol.codec import (
 )
 from storaged.protocol.constants import Cmd, Errno, ExportFlag, LoginStatus
 from storaged.stats import RequestRecord, ServerStats
-from storaged.tlsconf import describe_tls_error, peer_common_name
+from storaged.tlsconf import describe_tls_error, kernel_tls_directions, peer_common_name
 from storaged.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,13 @@ class Session:
             )
         )
         self._stats.login_ok()
-        self._log(logging.INFO, "client logged in", "login_ok", access=decision.access.value)
+        self._log(
+            logging.INFO,
+            "client logged in",
+            "login_ok",
+            access=decision.access.value,
+            kernel_tls=kernel_tls_directions(tls_sock),
+        )
         return True
 
     def _read_hello(self, deadline: float) -> Hello | None:

@@ -2,25 +2,60 @@
 
 TLS 1.3 only; the server demands a client certificate from the netblk CA and
 sends no session tickets, because a kTLS peer cannot take post-handshake
-messages (docs/protocol.md, "Transport").
+messages (docs/protocol.md, "Transport").  The Linux kTLS socket options live
+here too: tls-bridge installs keys with them, storaged asks which directions
+the kernel took over.
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
+# Socket options (include/uapi/linux/tls.h, include/uapi/linux/tcp.h).
+SOL_TLS = 282
+TLS_TX = 1
+TLS_RX = 2
+TLS_GET_RECORD_TYPE = 2  # cmsg type carrying a received record's content type
+TCP_ULP = 31
+#: sizeof(struct tls_crypto_info): getsockopt(TLS_TX/TLS_RX) with this length
+#: says whether the direction is installed without copying out its key.
+_CRYPTO_INFO_HEADER = 4
+#: SSL_OP_ENABLE_KTLS (openssl/ssl.h, OpenSSL >= 3.0); Python's ssl names it
+#: only from 3.12.
+OP_ENABLE_KTLS: int = getattr(ssl, "OP_ENABLE_KTLS", 1 << 3)
 
-def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+
+def server_context(cert: Path, key: Path, ca: Path, *, kernel_tls: bool) -> ssl.SSLContext:
+    """storaged's context.  With ``kernel_tls``, OpenSSL hands the record
+    layer to the kernel after the handshake where the kernel takes it
+    (OpenSSL 3.0 does so for sending only, under TLS 1.3), and keeps it in
+    userspace where it does not (no ``tls`` module, another cipher)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
     context.num_tickets = 0
+    if kernel_tls:
+        context.options |= OP_ENABLE_KTLS
     context.load_cert_chain(cert, key)
     context.load_verify_locations(cafile=ca)
     return context
+
+
+def kernel_tls_directions(sock: socket.socket) -> str:
+    """Which directions of a connection the kernel's TLS seals or opens:
+    ``"tx"``, ``"rx"``, ``"tx+rx"`` or ``"none"``."""
+    directions = []
+    for name, option in (("tx", TLS_TX), ("rx", TLS_RX)):
+        try:
+            sock.getsockopt(SOL_TLS, option, _CRYPTO_INFO_HEADER)
+        except OSError:  # no tls ULP (ENOPROTOOPT), or not installed (EBUSY)
+            continue
+        directions.append(name)
+    return "+".join(directions) or "none"
 
 
 def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:

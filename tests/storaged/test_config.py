@@ -41,10 +41,16 @@ def test_full_config_loads_with_paths_relative_to_the_file(tmp_path: Path) -> No
     assert config.listen == ("127.0.0.1", "::1")
     assert config.port == 10999
     assert config.tls.cert == tmp_path / "server.crt"
+    assert config.tls.kernel_tls
     assert config.cache_bytes == 16 << 20
     assert config.exports["data"].volume == tmp_path / "data.luks"
     assert config.exports["data"].access == {"alice": Access.RW}
     assert config.clients["alice"].token_hash == HASH
+
+
+def test_kernel_tls_can_be_turned_off(tmp_path: Path) -> None:
+    text = BASE.replace('ca = "ca.crt"', 'ca = "ca.crt"\nkernel_tls = false')
+    assert not load_config(write(tmp_path, text)).tls.kernel_tls
 
 
 def test_cli_overrides_win(tmp_path: Path) -> None:
@@ -70,6 +76,7 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
         ((f'token_hash = "{HASH}"', 'token_hash = "plain"'), "expected an argon2id hash"),
         (('cert = "server.crt"', 'cert = "server.crt"\nciphers = "x"'), "tls.ciphers: unknown"),
         (('ca = "ca.crt"', ""), "tls.ca: required"),
+        (('ca = "ca.crt"', 'ca = "ca.crt"\nkernel_tls = 1'), "tls.kernel_tls: expected bool"),
         (("[server]", "[server]\nmax_inflight = 0"), "server.max_inflight: must be positive"),
         (("[server]", '[server]\nmax_payload = "2MiB"'), "server.max_payload: must be"),
         (("[server]", "[server]\nmax_inflight_bytes = 4096"), "server.max_inflight_bytes"),

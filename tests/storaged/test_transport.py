@@ -4,8 +4,12 @@ in-flight work per connection (backpressure)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import subprocess
 import threading
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +20,7 @@ from storaged.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Rep
 from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, LoginStatus
 from storaged.server import StorageServer
 from storaged.session import Session
-from storaged.tlsconf import client_context
+from storaged.tlsconf import OP_ENABLE_KTLS, client_context, kernel_tls_directions, server_context
 from storaged.volume import ReadResult, Volume
 from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run
 
@@ -39,6 +43,33 @@ def test_server_sends_no_session_tickets(stack: Stack) -> None:
         assert sock.version() == "TLSv1.3"
         assert sock.session is not None
         assert not sock.session.has_ticket
+
+
+@pytest.mark.parametrize("kernel_tls", [True, False])
+def test_kernel_tls_is_asked_of_openssl_when_configured(stack: Stack, kernel_tls: bool) -> None:
+    pki = stack.pki
+    context = server_context(pki.server_cert, pki.server_key, pki.ca_cert, kernel_tls=kernel_tls)
+    assert bool(context.options & OP_ENABLE_KTLS) is kernel_tls
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="needs cc")
+def test_op_enable_ktls_is_openssls(tmp_path: Path) -> None:
+    """Python's ssl names the option only from 3.12; ours must be OpenSSL's."""
+    source = tmp_path / "op.c"
+    source.write_text(
+        "#include <stdio.h>\n#include <openssl/ssl.h>\n"
+        'int main(void) { printf("%llu", (unsigned long long)SSL_OP_ENABLE_KTLS); }\n'
+    )
+    subprocess.run(["cc", "-o", str(tmp_path / "op"), str(source)], check=True)
+    printed = subprocess.run([str(tmp_path / "op")], capture_output=True, text=True, check=True)
+    assert int(printed.stdout) == OP_ENABLE_KTLS
+
+
+def test_a_socket_without_kernel_tls_says_so() -> None:
+    """This host has no kTLS: the probe answers "none" instead of failing
+    (tests/vm/test_ktls.py sees "tx" where the kernel has it)."""
+    with socket.socket() as sock:
+        assert kernel_tls_directions(sock) == "none"
 
 
 def test_ipv6_listener(stack: Stack) -> None:

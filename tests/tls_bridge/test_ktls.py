@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 
+from storaged.tlsconf import SOL_TLS, TCP_ULP, TLS_GET_RECORD_TYPE, TLS_RX, TLS_TX
 from tests.tls_bridge.userspace_tls import Direction
 from tls_bridge.ktls import (
     CIPHERS,
     CLIENT_TRAFFIC_SECRET,
     SERVER_TRAFFIC_SECRET,
-    SOL_TLS,
-    TCP_ULP,
     TLS_1_3_VERSION,
-    TLS_GET_RECORD_TYPE,
-    TLS_RX,
-    TLS_TX,
     KeyLog,
     crypto_info,
     hkdf_expand_label,

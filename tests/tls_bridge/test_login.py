@@ -24,6 +24,7 @@ import pytest
 from netblk_certs.pki import load_issued, make_server_cert, write_issued
 from storaged.protocol.codec import ExportGeometry, HelloReply, encode_hello, encode_hello_reply
 from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Errno, ExportFlag, LoginStatus
+from storaged.tlsconf import TCP_ULP
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer
 from tests.tls_bridge.fake_servers import fake_server, read_hello_then, tls_server
@@ -36,7 +37,7 @@ from tests.tls_bridge.support import (
 )
 from tls_bridge.channel import install_ktls
 from tls_bridge.errors import Deadline, Failure
-from tls_bridge.ktls import CIPHERS, TCP_ULP
+from tls_bridge.ktls import CIPHERS
 from tls_bridge.login import LoginResult, _install_failure, handshake_and_login, login
 from tls_bridge.tlsclient import tls_handshake
 

@@ -14,8 +14,9 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
+from storaged.tlsconf import SOL_TLS, TCP_ULP, TLS_GET_RECORD_TYPE, TLS_RX, TLS_TX
 from tls_bridge.errors import Failure
-from tls_bridge.ktls import SOL_TLS, TCP_ULP, TLS_GET_RECORD_TYPE, TLS_RX, TLS_TX, KtlsKeys
+from tls_bridge.ktls import KtlsKeys
 
 # TLS record content types (RFC 8446 5.1).
 ALERT = 21

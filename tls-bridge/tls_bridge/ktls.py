@@ -15,12 +15,6 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-# Socket options (include/uapi/linux/tls.h, include/uapi/linux/tcp.h).
-SOL_TLS = 282
-TLS_TX = 1
-TLS_RX = 2
-TLS_GET_RECORD_TYPE = 2  # cmsg type carrying a received record's content type
-TCP_ULP = 31
 TLS_1_3_VERSION = 0x0304
 
 #: TLS 1.3 per-record nonce length (RFC 8446 5.3), the same for every AEAD here.
