@@ -8,7 +8,9 @@
  * context per sector, which costs more than encrypting the 4 KiB sector;
  * OpenSSL's EVP API can re-initialise just the tweak of a keyed context.
  * This module keys one context per call and walks the whole run with the
- * GIL released.
+ * GIL released.  Decrypting, it can also pass holes through: a data unit
+ * that is all zero bytes on disk was never written (a hole of a sparse
+ * volume file), and reads as zeros.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,6 +21,13 @@
 
 #define XTS_TWEAK_SIZE 16
 
+/* Whether len > 0 bytes at p are all zero: the first byte, then each byte
+ * against the one before it.  Ciphertext fails at its first byte. */
+static int xts_all_zero(const unsigned char *p, Py_ssize_t len)
+{
+	return !p[0] && !memcmp(p, p + 1, len - 1);
+}
+
 /* Fetched once: an implicit fetch on every EVP_CipherInit is slow. */
 static EVP_CIPHER *xts_aes128;
 static EVP_CIPHER *xts_aes256;
@@ -27,7 +36,7 @@ static EVP_CIPHER *xts_aes256;
 static int xts_run(const unsigned char *key, Py_ssize_t key_len,
 		   const unsigned char *in, unsigned char *out, Py_ssize_t len,
 		   Py_ssize_t unit, uint64_t tweak, uint64_t step, int encrypt,
-		   const char **why)
+		   int keep_holes, const char **why)
 {
 	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
 	unsigned char iv[XTS_TWEAK_SIZE] = { 0 };
@@ -44,6 +53,10 @@ static int xts_run(const unsigned char *key, Py_ssize_t key_len,
 		goto free_ctx;
 	}
 	for (pos = 0; pos < len; pos += unit, tweak += step) {
+		if (keep_holes && xts_all_zero(in + pos, unit)) {
+			memset(out + pos, 0, unit);
+			continue;
+		}
 		for (i = 0; i < 8; i++)
 			iv[i] = (unsigned char)(tweak >> (8 * i));
 		if (!EVP_CipherInit_ex2(ctx, NULL, NULL, iv, encrypt, NULL) ||
@@ -60,23 +73,30 @@ free_ctx:
 }
 
 PyDoc_STRVAR(xts_crypt_doc,
-"crypt(key, data, unit_size, first_tweak, tweak_step, encrypt) -> bytes\n\n"
+"crypt(key, data, unit_size, first_tweak, tweak_step, encrypt, keep_holes)\n"
+"-> bytes\n\n"
 "En- or decrypt data, a run of unit_size-byte data units; unit k has the\n"
 "64-bit tweak first_tweak + k * tweak_step (little-endian, zero-padded to\n"
-"16 bytes). key is 32 or 64 bytes.");
+"16 bytes). key is 32 or 64 bytes. With keep_holes (decrypting only), a\n"
+"unit of all zero bytes stays zeros instead of being decrypted.");
 
 static PyObject *xts_crypt(PyObject *Py_UNUSED(module), PyObject *args)
 {
 	Py_buffer key, data;
 	Py_ssize_t unit;
 	unsigned long long tweak, step;
-	int encrypt, err;
+	int encrypt, keep_holes, err;
 	const char *why = NULL;
 	PyObject *result = NULL;
 
-	if (!PyArg_ParseTuple(args, "y*y*nKKp:crypt", &key, &data, &unit,
-			      &tweak, &step, &encrypt))
+	if (!PyArg_ParseTuple(args, "y*y*nKKpp:crypt", &key, &data, &unit,
+			      &tweak, &step, &encrypt, &keep_holes))
 		return NULL;
+	if (encrypt && keep_holes) {
+		PyErr_SetString(PyExc_ValueError,
+				"keep_holes applies to decryption only");
+		goto release;
+	}
 	if (key.len != 32 && key.len != 64) {
 		PyErr_Format(PyExc_ValueError,
 			     "AES-XTS needs a 256- or 512-bit key, got %zd bits",
@@ -95,7 +115,7 @@ static PyObject *xts_crypt(PyObject *Py_UNUSED(module), PyObject *args)
 	Py_BEGIN_ALLOW_THREADS
 	err = xts_run(key.buf, key.len, data.buf,
 		      (unsigned char *)PyBytes_AS_STRING(result), data.len,
-		      unit, tweak, step, encrypt, &why);
+		      unit, tweak, step, encrypt, keep_holes, &why);
 	Py_END_ALLOW_THREADS
 	if (err) {
 		Py_CLEAR(result);

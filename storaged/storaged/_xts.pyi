@@ -3,5 +3,12 @@
 from typing_extensions import Buffer
 
 def crypt(
-    key: bytes, data: Buffer, unit_size: int, first_tweak: int, tweak_step: int, encrypt: bool, /
+    key: bytes,
+    data: Buffer,
+    unit_size: int,
+    first_tweak: int,
+    tweak_step: int,
+    encrypt: bool,
+    keep_holes: bool,
+    /,
 ) -> bytes: ...

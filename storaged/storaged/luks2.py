@@ -242,14 +242,26 @@ class SectorCipher:
 
     def encrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
         """Encrypt whole sectors that start ``segment_offset`` bytes into the segment."""
-        return self._crypt(segment_offset, data, encrypt=True)
+        return self._crypt(segment_offset, data, encrypt=True, keep_holes=False)
 
-    def decrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
-        """Decrypt whole sectors that start ``segment_offset`` bytes into the segment."""
-        return self._crypt(segment_offset, data, encrypt=False)
+    def decrypt(
+        self, segment_offset: int, data: bytes | bytearray | memoryview, *, keep_holes: bool = False
+    ) -> bytes:
+        """Decrypt whole sectors that start ``segment_offset`` bytes into the segment.
+
+        With ``keep_holes``, a sector that is all zero bytes (never written:
+        a hole of a sparse file; real ciphertext is all zeros with
+        probability 2**-32768) reads as zeros instead of being decrypted.
+        """
+        return self._crypt(segment_offset, data, encrypt=False, keep_holes=keep_holes)
 
     def _crypt(
-        self, segment_offset: int, data: bytes | bytearray | memoryview, *, encrypt: bool
+        self,
+        segment_offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        encrypt: bool,
+        keep_holes: bool,
     ) -> bytes:
         length = memoryview(data).nbytes
         size = self._sector_size
@@ -262,7 +274,7 @@ class SectorCipher:
         first = segment_offset // IV_UNIT + self._iv_tweak
         if first + (length // size) * step > _PLAIN64_LIMIT:
             raise Luks2Error(f"offset {segment_offset} is beyond the plain64 IV range")
-        return _xts.crypt(self._key, data, size, first, step, encrypt)
+        return _xts.crypt(self._key, data, size, first, step, encrypt, keep_holes)
 
 
 def _valid_sector_size(size: int) -> bool:

@@ -66,7 +66,6 @@ class Volume:
         self.data_offset = info.data_offset
         self.read_only = read_only
         self._cipher = luks2.SectorCipher(volume_key, info.sector_size, info.iv_tweak)
-        self._zero_sector = bytes(info.sector_size)
         self._cache = cache
         with Volume._ids_lock:
             self._id = next(Volume._ids)
@@ -101,7 +100,7 @@ class Volume:
             return ReadResult(b"".join(cached), cache_hit=True)
         fill = length <= CACHE_MAX_READ
         snapshot = self._cache.snapshot(self._id, first, count) if fill else ()
-        data = self._decrypt(offset, self._pread(offset, length))
+        data = self._cipher.decrypt(offset, self._pread(offset, length), keep_holes=True)
         if fill:
             size = self.sector_size
             sectors = [data[i : i + size] for i in range(0, length, size)]
@@ -162,26 +161,3 @@ class Volume:
                 self._punch_supported = False
         for start in range(offset, offset + length, ZERO_CHUNK):
             self._pwrite(start, bytes(min(ZERO_CHUNK, offset + length - start)))
-
-    def _decrypt(self, offset: int, raw: bytes) -> bytes:
-        """Decrypt whole sectors, leaving holes as zeros; runs decrypt at once."""
-        if raw.find(self._zero_sector) < 0:  # one C scan: no sector can be a hole
-            return self._cipher.decrypt(offset, raw)
-        size = self.sector_size
-        view = memoryview(raw)
-        holes = [view[i : i + size] == self._zero_sector for i in range(0, len(raw), size)]
-        if not any(holes):
-            return self._cipher.decrypt(offset, raw)
-        if all(holes):
-            return bytes(len(raw))
-        out = bytearray(len(raw))
-        index = 0
-        while index < len(holes):
-            end = index
-            while end < len(holes) and holes[end] == holes[index]:
-                end += 1
-            if not holes[index]:
-                start, stop = index * size, end * size
-                out[start:stop] = self._cipher.decrypt(offset + start, raw[start:stop])
-            index = end
-        return bytes(out)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from storaged import luks2
+from storaged import _xts, luks2
 
 FAST = luks2.TEST_KDF_PARAMS
 PASSPHRASE = b"correct horse battery staple"
@@ -484,6 +484,29 @@ def test_sector_cipher_round_trip() -> None:
     assert cipher.decrypt(8 * 4096, encrypted) == data
     assert cipher.decrypt(9 * 4096, encrypted) != data
     assert cipher.decrypt(0, bytearray(cipher.encrypt(0, memoryview(data)))) == data
+
+
+def test_sector_cipher_keeps_holes_only_when_asked() -> None:
+    """A sector of zeros on disk was never written: with keep_holes it reads
+    as zeros, its neighbours still decrypt, and their tweaks stay in step."""
+    cipher = luks2.SectorCipher(os.urandom(64))
+    data = os.urandom(3 * 4096)
+    on_disk = bytearray(cipher.encrypt(4096, data))
+    on_disk[4096:8192] = bytes(4096)
+    kept = cipher.decrypt(4096, on_disk, keep_holes=True)
+    assert kept == data[:4096] + bytes(4096) + data[8192:]
+    decrypted = cipher.decrypt(4096, on_disk)
+    assert decrypted[4096:8192] != bytes(4096)
+    assert decrypted[:4096] == data[:4096]
+    # Only whole zero sectors are holes: one non-zero byte anywhere is data.
+    almost = bytearray(4096)
+    almost[4095] = 1
+    assert cipher.decrypt(0, almost, keep_holes=True) == cipher.decrypt(0, almost)
+
+
+def test_xts_keeps_holes_when_decrypting_only() -> None:
+    with pytest.raises(ValueError, match="decryption only"):
+        _xts.crypt(os.urandom(64), bytes(4096), 4096, 0, 8, True, True)
 
 
 def test_sector_cipher_tweak_is_offset_in_512_byte_units() -> None:
