@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,9 @@ TLS_TX = 1
 TLS_RX = 2
 TLS_GET_RECORD_TYPE = 2  # cmsg type carrying a received record's content type
 TCP_ULP = 31
-#: sizeof(struct tls_crypto_info): getsockopt(TLS_TX/TLS_RX) with this length
-#: says whether the direction is installed without copying out its key.
-_CRYPTO_INFO_HEADER = 4
+#: struct tls_crypto_info (version, cipher type: host-endian __u16s), the head
+#: of every TLS_TX/TLS_RX argument.
+CRYPTO_INFO_HEADER = struct.Struct("=HH")
 #: SSL_OP_ENABLE_KTLS (openssl/ssl.h, OpenSSL >= 3.0); Python's ssl names it
 #: only from 3.12.
 OP_ENABLE_KTLS: int = getattr(ssl, "OP_ENABLE_KTLS", 1 << 3)
@@ -50,8 +51,8 @@ def kernel_tls_directions(sock: socket.socket) -> str:
     ``"tx"``, ``"rx"``, ``"tx+rx"`` or ``"none"``."""
     directions = []
     for name, option in (("tx", TLS_TX), ("rx", TLS_RX)):
-        try:
-            sock.getsockopt(SOL_TLS, option, _CRYPTO_INFO_HEADER)
+        try:  # just the header: says the direction is installed, copies no key
+            sock.getsockopt(SOL_TLS, option, CRYPTO_INFO_HEADER.size)
         except OSError:  # no tls ULP (ENOPROTOOPT), or not installed (EBUSY)
             continue
         directions.append(name)

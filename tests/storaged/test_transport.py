@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
-import subprocess
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,8 @@ from storaged.server import StorageServer
 from storaged.session import Session
 from storaged.tlsconf import OP_ENABLE_KTLS, client_context, kernel_tls_directions, server_context
 from storaged.volume import ReadResult, Volume
+from tests.c_program import c_program_output
+from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run
 
 
@@ -46,8 +47,7 @@ def test_server_sends_no_session_tickets(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("kernel_tls", [True, False])
-def test_kernel_tls_is_asked_of_openssl_when_configured(stack: Stack, kernel_tls: bool) -> None:
-    pki = stack.pki
+def test_kernel_tls_is_asked_of_openssl_when_configured(pki: PkiFiles, kernel_tls: bool) -> None:
     context = server_context(pki.server_cert, pki.server_key, pki.ca_cert, kernel_tls=kernel_tls)
     assert bool(context.options & OP_ENABLE_KTLS) is kernel_tls
 
@@ -55,14 +55,12 @@ def test_kernel_tls_is_asked_of_openssl_when_configured(stack: Stack, kernel_tls
 @pytest.mark.skipif(not shutil.which("cc"), reason="needs cc")
 def test_op_enable_ktls_is_openssls(tmp_path: Path) -> None:
     """Python's ssl names the option only from 3.12; ours must be OpenSSL's."""
-    source = tmp_path / "op.c"
-    source.write_text(
+    printed = c_program_output(
+        tmp_path,
         "#include <stdio.h>\n#include <openssl/ssl.h>\n"
-        'int main(void) { printf("%llu", (unsigned long long)SSL_OP_ENABLE_KTLS); }\n'
+        'int main(void) { printf("%llu", (unsigned long long)SSL_OP_ENABLE_KTLS); }\n',
     )
-    subprocess.run(["cc", "-o", str(tmp_path / "op"), str(source)], check=True)
-    printed = subprocess.run([str(tmp_path / "op")], capture_output=True, text=True, check=True)
-    assert int(printed.stdout) == OP_ENABLE_KTLS
+    assert int(printed) == OP_ENABLE_KTLS
 
 
 def test_a_socket_without_kernel_tls_says_so() -> None:

@@ -7,14 +7,13 @@ field offsets and field widths are what C sees, not what a regex guesses.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from enum import IntEnum, IntFlag
 from pathlib import Path
 
 import pytest
 
 from storaged.protocol import constants
+from tests.c_program import c_program_output
 
 HEADER = Path(__file__).resolve().parents[2] / "kmod/include/uapi/linux/netblk.h"
 
@@ -65,8 +64,6 @@ def python_value(c_name: str) -> int:
 @pytest.fixture(scope="module")
 def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Compile a program that prints every constant and struct layout fact."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    assert cc, "a C compiler is needed to check the UAPI header"
     lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <linux/netblk.h>"]
     lines.append("int main(void) {")
     for name in header_defines():
@@ -83,12 +80,10 @@ def c_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
                 f'printf("width:{struct}.{field} %zu\\n", sizeof(((struct {struct} *)0)->{field}));'
             )
     lines.append("return 0; }")
-    workdir = tmp_path_factory.mktemp("uapi")
-    source, binary = workdir / "facts.c", workdir / "facts"
-    source.write_text("\n".join(lines))
-    include = HEADER.parents[1]
-    subprocess.run([cc, "-Wall", "-Werror", "-I", str(include), "-o", binary, source], check=True)
-    out = subprocess.run([binary], check=True, capture_output=True, text=True).stdout
+    include = str(HEADER.parents[1])
+    out = c_program_output(
+        tmp_path_factory.mktemp("uapi"), "\n".join(lines), "-Wall", "-Werror", "-I", include
+    )
     return dict(line.split() for line in out.splitlines())
 
 

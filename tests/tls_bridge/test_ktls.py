@@ -5,13 +5,13 @@ by the C compiler so sizes and offsets are what the kernel sees."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 
 from storaged.tlsconf import SOL_TLS, TCP_ULP, TLS_GET_RECORD_TYPE, TLS_RX, TLS_TX
+from tests.c_program import c_program_output
 from tests.tls_bridge.userspace_tls import Direction
 from tls_bridge.ktls import (
     CIPHERS,
@@ -116,12 +116,7 @@ int main(void) {
 
 @pytest.mark.skipif(not TLS_H.exists() or not shutil.which("cc"), reason="needs cc and tls.h")
 def test_crypto_info_matches_the_kernel_header(tmp_path: Path) -> None:
-    source = tmp_path / "tls.c"
-    source.write_text(C_PROGRAM)
-    subprocess.run(["cc", "-o", str(tmp_path / "tls"), str(source)], check=True)
-    lines = subprocess.run(
-        [str(tmp_path / "tls")], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
+    lines = c_program_output(tmp_path, C_PROGRAM).split("\n")
     assert list(map(int, lines[0].split())) == [
         TLS_1_3_VERSION,
         SOL_TLS,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from storaged.tlsconf import CRYPTO_INFO_HEADER
+
 TLS_1_3_VERSION = 0x0304
 
 #: TLS 1.3 per-record nonce length (RFC 8446 5.3), the same for every AEAD here.
@@ -23,7 +25,6 @@ REC_SEQ_LEN = 8
 #: Keys are installed right after the handshake, before any application
 #: record in either direction, so both sequence numbers start at zero.
 REC_SEQ_START = bytes(REC_SEQ_LEN)
-_INFO_HEADER = struct.Struct("=HH")  # struct tls_crypto_info: host-endian __u16s
 
 # Key log labels of the first application traffic secrets (NSS key log format).
 CLIENT_TRAFFIC_SECRET = "CLIENT_TRAFFIC_SECRET_0"  # noqa: S105 - a label, not a secret
@@ -47,7 +48,7 @@ class KtlsCipher:
     @property
     def info_size(self) -> int:
         """sizeof the matching ``struct tls12_crypto_info_*``."""
-        return _INFO_HEADER.size + NONCE_LEN + self.key_len + REC_SEQ_LEN
+        return CRYPTO_INFO_HEADER.size + NONCE_LEN + self.key_len + REC_SEQ_LEN
 
 
 #: Every suite tls-bridge offers, by OpenSSL/IANA name, in preference order.
@@ -82,7 +83,7 @@ def crypto_info(cipher: KtlsCipher, secret: bytes) -> bytes:
     """The setsockopt(SOL_TLS, TLS_TX/TLS_RX) argument for one direction."""
     key, iv = traffic_key_iv(cipher, secret)
     salt, explicit_iv = iv[: cipher.salt_len], iv[cipher.salt_len :]
-    header = _INFO_HEADER.pack(TLS_1_3_VERSION, cipher.cipher_type)
+    header = CRYPTO_INFO_HEADER.pack(TLS_1_3_VERSION, cipher.cipher_type)
     return header + explicit_iv + key + salt + REC_SEQ_START
 
 
