@@ -4,19 +4,28 @@ Coherence with writes without holding a lock across disk I/O: every write
 bumps the generation of the stripes its sectors map to, and a read may only
 fill the cache if none of its stripes moved while it was reading.  So a read
 that raced a write can never put the older data back after the write.
+
+Admission on the second miss: a range read once (a random read over a
+volume much larger than the cache, a scan) is only remembered, by key; it
+is filled when it misses again while remembered.  A one-off read so costs a
+dictionary insert instead of a fill that would evict a sector worth keeping,
+the way the page cache keeps first-touch pages on its inactive list.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: Generation stripes; more stripes mean fewer fills lost to unrelated writes.
 STRIPES = 1024
+#: Keys are ``volume << SECTOR_BITS | sector``: one int hashes faster than a tuple.
+SECTOR_BITS = 52
 
-SectorKey = tuple[int, int]  # (volume id, sector index)
+#: What ``lookup`` hands a read that missed: the stripe generations to give
+#: back to ``fill``, or None if the cache does not take these sectors (yet).
+Admission = tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -32,15 +41,24 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
+def _key(volume: int, sector: int) -> int:
+    return volume << SECTOR_BITS | sector
+
+
 class SectorCache:
-    """LRU of ``sector_size``-byte plaintext sectors, ``capacity_bytes`` at most."""
+    """LRU of ``sector_size``-byte plaintext sectors, ``capacity_bytes`` at most.
+
+    Besides the sectors it remembers the first-sector keys of as many
+    missed ranges as it holds sectors (keys only, no data).
+    """
 
     def __init__(self, capacity_bytes: int, sector_size: int) -> None:
         self.sector_size = sector_size
         self.capacity = capacity_bytes // sector_size
-        self._entries: OrderedDict[SectorKey, bytes] = OrderedDict()
+        self._entries: OrderedDict[int, bytes] = OrderedDict()
+        self._missed: OrderedDict[int, None] = OrderedDict()
         self._generations = [0] * STRIPES
-        self._lock = threading.Lock()  # protects _entries, _generations, counters
+        self._lock = threading.Lock()  # protects everything above and the counters
         self._hits = 0
         self._misses = 0
 
@@ -48,27 +66,36 @@ class SectorCache:
     def _stripe(volume: int, sector: int) -> int:
         return (sector + volume * 7919) % STRIPES
 
-    def lookup(self, volume: int, first: int, count: int) -> list[bytes] | None:
-        """All ``count`` sectors from ``first``, or None if any is missing."""
+    def lookup(
+        self, volume: int, first: int, count: int, *, admit: bool = True
+    ) -> tuple[list[bytes] | None, Admission]:
+        """All ``count`` sectors from ``first`` (a hit), or None and, if the
+        range is taken in (``admit`` and its second miss), its generations."""
         if not self.capacity:
-            return None
+            return None, None
         with self._lock:
+            entries = self._entries
             found = []
             for sector in range(first, first + count):
-                data = self._entries.get((volume, sector))
+                data = entries.get(_key(volume, sector))
                 if data is None:
                     self._misses += count
-                    return None
+                    return None, self._admit(volume, first, count) if admit else None
                 found.append(data)
             for sector in range(first, first + count):
-                self._entries.move_to_end((volume, sector))
+                entries.move_to_end(_key(volume, sector))
             self._hits += count
-            return found
+            return found, None
 
-    def snapshot(self, volume: int, first: int, count: int) -> tuple[int, ...]:
-        """Generations to hand back to ``fill`` after reading from disk."""
-        with self._lock:
+    def _admit(self, volume: int, first: int, count: int) -> Admission:
+        key = _key(volume, first)
+        if key in self._missed:
+            del self._missed[key]
             return self._stripe_generations(volume, first, count)
+        self._missed[key] = None
+        if len(self._missed) > self.capacity:
+            self._missed.popitem(last=False)
+        return None
 
     def _stripe_generations(self, volume: int, first: int, count: int) -> tuple[int, ...]:
         if count >= STRIPES:
@@ -77,21 +104,22 @@ class SectorCache:
             self._generations[self._stripe(volume, s)] for s in range(first, first + count)
         )
 
-    def fill(
-        self, volume: int, first: int, sectors: Sequence[bytes], snapshot: tuple[int, ...]
-    ) -> bool:
-        """Insert sectors read from disk unless a write overlapped the read."""
-        if not self.capacity:
-            return False
+    def fill(self, volume: int, first: int, data: bytes, admission: tuple[int, ...]) -> bool:
+        """Insert the sectors of ``data`` read from disk from sector ``first``,
+        unless a write overlapped the read."""
+        size = self.sector_size
+        skip = max(0, len(data) // size - self.capacity)  # only the last ones fit
+        sectors = [data[i : i + size] for i in range(skip * size, len(data), size)]
         with self._lock:
-            if self._stripe_generations(volume, first, len(sectors)) != snapshot:
+            if self._stripe_generations(volume, first, len(data) // size) != admission:
                 return False
-            for offset, data in enumerate(sectors[-self.capacity :]):
-                key = (volume, first + max(0, len(sectors) - self.capacity) + offset)
-                self._entries[key] = data
-                self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            entries = self._entries
+            for offset, sector in enumerate(sectors, first + skip):
+                key = _key(volume, offset)
+                entries[key] = sector
+                entries.move_to_end(key)
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
             return True
 
     def invalidate(self, volume: int, first: int, count: int) -> None:
@@ -105,11 +133,10 @@ class SectorCache:
             if not self._entries:
                 return
             if count > len(self._entries):
-                stale = [
-                    k for k in self._entries if k[0] == volume and first <= k[1] < first + count
-                ]
+                low, high = _key(volume, first), _key(volume, first + count)
+                stale = [key for key in self._entries if low <= key < high]
             else:
-                stale = [(volume, s) for s in range(first, first + count)]
+                stale = [_key(volume, s) for s in range(first, first + count)]
             for key in stale:
                 self._entries.pop(key, None)
 

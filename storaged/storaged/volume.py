@@ -95,16 +95,14 @@ class Volume:
 
     def read(self, offset: int, length: int) -> ReadResult:
         first, count = self._sectors(offset, length)
-        cached = self._cache.lookup(self._id, first, count)
+        cached, admission = self._cache.lookup(
+            self._id, first, count, admit=length <= CACHE_MAX_READ
+        )
         if cached is not None:
             return ReadResult(b"".join(cached), cache_hit=True)
-        fill = length <= CACHE_MAX_READ
-        snapshot = self._cache.snapshot(self._id, first, count) if fill else ()
         data = self._cipher.decrypt(offset, self._pread(offset, length), keep_holes=True)
-        if fill:
-            size = self.sector_size
-            sectors = [data[i : i + size] for i in range(0, length, size)]
-            self._cache.fill(self._id, first, sectors, snapshot)
+        if admission is not None:
+            self._cache.fill(self._id, first, data, admission)
         return ReadResult(data, cache_hit=False)
 
     def write(self, offset: int, data: bytes, *, fua: bool) -> None:
