@@ -7,10 +7,10 @@
  * crypto libraries can only change an XTS tweak by building a new cipher
  * context per sector, which costs more than encrypting the 4 KiB sector;
  * OpenSSL's EVP API can re-initialise just the tweak of a keyed context.
- * This module keys one context per call and walks the whole run with the
- * GIL released.  Decrypting, it can also pass holes through: a data unit
- * that is all zero bytes on disk was never written (a hole of a sparse
- * volume file), and reads as zeros.
+ * This module keys a context once per volume key (Key), reuses copies of
+ * it, and walks a whole run per call with the GIL released.  Decrypting, it
+ * can also pass holes through: a data unit that is all zero bytes on disk
+ * was never written (a hole of a sparse volume file), and reads as zeros.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,26 +32,58 @@ static int xts_all_zero(const unsigned char *p, Py_ssize_t len)
 static EVP_CIPHER *xts_aes128;
 static EVP_CIPHER *xts_aes256;
 
-/* Returns 0, or -1 with *why set; runs without the GIL. */
-static int xts_run(const unsigned char *key, Py_ssize_t key_len,
-		   const unsigned char *in, unsigned char *out, Py_ssize_t len,
-		   Py_ssize_t unit, uint64_t tweak, uint64_t step, int encrypt,
-		   int keep_holes, const char **why)
+/* A volume key, expanded once into a decrypting and an encrypting context.
+ * A call works on a copy of one (it only ever sets the tweak), and the copy
+ * is kept for the next call: keying a context per call cost two AES key
+ * expansions and a provider round trip, copying one a pair of allocations,
+ * each more than the XTS of a 4 KiB sector on the host.  The keyed contexts
+ * are only read after creation. */
+/* Copies kept for reuse per direction: one per thread that may be inside
+ * crypt() at once (storaged: a thread per connection plus its pool). */
+#define XTS_SPARES 8
+
+typedef struct {
+	PyObject_HEAD
+	EVP_CIPHER_CTX *keyed[2];	/* [encrypt]: 0 decrypts, 1 encrypts */
+	/* protected by the GIL: taken before a call releases it, put back after */
+	EVP_CIPHER_CTX *spare[2][XTS_SPARES];
+	int spares[2];
+} XtsKey;
+
+/* A copy of the keyed context to use without the GIL (GIL held). */
+static EVP_CIPHER_CTX *xts_key_take(XtsKey *self, int encrypt)
 {
-	EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+	EVP_CIPHER_CTX *ctx;
+
+	if (self->spares[encrypt])
+		return self->spare[encrypt][--self->spares[encrypt]];
+	ctx = EVP_CIPHER_CTX_new();
+	if (ctx && !EVP_CIPHER_CTX_copy(ctx, self->keyed[encrypt])) {
+		EVP_CIPHER_CTX_free(ctx);
+		ctx = NULL;
+	}
+	return ctx;
+}
+
+/* Keep @ctx for the next call, or free it if enough are kept (GIL held). */
+static void xts_key_put(XtsKey *self, int encrypt, EVP_CIPHER_CTX *ctx)
+{
+	if (self->spares[encrypt] < XTS_SPARES)
+		self->spare[encrypt][self->spares[encrypt]++] = ctx;
+	else
+		EVP_CIPHER_CTX_free(ctx);
+}
+
+/* Returns 0, or -1 with *why set; runs without the GIL. */
+static int xts_run(EVP_CIPHER_CTX *ctx, const unsigned char *in,
+		   unsigned char *out, Py_ssize_t len, Py_ssize_t unit,
+		   uint64_t tweak, uint64_t step, int encrypt, int keep_holes,
+		   const char **why)
+{
 	unsigned char iv[XTS_TWEAK_SIZE] = { 0 };
 	Py_ssize_t pos;
-	int out_len, i, ret = -1;
+	int out_len, i;
 
-	if (!ctx) {
-		*why = "EVP_CIPHER_CTX_new failed";
-		return -1;
-	}
-	if (!EVP_CipherInit_ex2(ctx, key_len == 64 ? xts_aes256 : xts_aes128,
-				key, NULL, encrypt, NULL)) {
-		*why = "OpenSSL refused the AES-XTS key";
-		goto free_ctx;
-	}
 	for (pos = 0; pos < len; pos += unit, tweak += step) {
 		if (keep_holes && xts_all_zero(in + pos, unit)) {
 			memset(out + pos, 0, unit);
@@ -63,44 +95,86 @@ static int xts_run(const unsigned char *key, Py_ssize_t key_len,
 		    !EVP_CipherUpdate(ctx, out + pos, &out_len, in + pos,
 				      (int)unit)) {
 			*why = "OpenSSL refused an AES-XTS data unit";
-			goto free_ctx;
+			return -1;
 		}
 	}
-	ret = 0;
-free_ctx:
-	EVP_CIPHER_CTX_free(ctx);
-	return ret;
+	return 0;
 }
 
-PyDoc_STRVAR(xts_crypt_doc,
-"crypt(key, data, unit_size, first_tweak, tweak_step, encrypt, keep_holes)\n"
+static void xts_key_dealloc(XtsKey *self)
+{
+	int encrypt;
+
+	for (encrypt = 0; encrypt < 2; encrypt++)
+		while (self->spares[encrypt])
+			EVP_CIPHER_CTX_free(
+				self->spare[encrypt][--self->spares[encrypt]]);
+	EVP_CIPHER_CTX_free(self->keyed[1]);
+	EVP_CIPHER_CTX_free(self->keyed[0]);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *xts_key_new(PyTypeObject *type, PyObject *args,
+			     PyObject *kwargs)
+{
+	static char *keywords[] = { "key", NULL };
+	Py_buffer key;
+	XtsKey *self = NULL;
+	int encrypt;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*:Key", keywords,
+					 &key))
+		return NULL;
+	if (key.len != 32 && key.len != 64) {
+		PyErr_Format(PyExc_ValueError,
+			     "AES-XTS needs a 256- or 512-bit key, got %zd bits",
+			     key.len * 8);
+		goto release;
+	}
+	self = (XtsKey *)type->tp_alloc(type, 0);
+	if (!self)
+		goto release;
+	for (encrypt = 0; encrypt < 2; encrypt++) {
+		self->keyed[encrypt] = EVP_CIPHER_CTX_new();
+		if (!self->keyed[encrypt] ||
+		    !EVP_CipherInit_ex2(self->keyed[encrypt],
+					key.len == 64 ? xts_aes256 : xts_aes128,
+					key.buf, NULL, encrypt, NULL)) {
+			PyErr_SetString(PyExc_ValueError,
+					"OpenSSL refused the AES-XTS key");
+			Py_CLEAR(self);
+			goto release;
+		}
+	}
+release:
+	PyBuffer_Release(&key);
+	return (PyObject *)self;
+}
+
+PyDoc_STRVAR(xts_key_crypt_doc,
+"crypt(data, unit_size, first_tweak, tweak_step, encrypt, keep_holes)\n"
 "-> bytes\n\n"
 "En- or decrypt data, a run of unit_size-byte data units; unit k has the\n"
 "64-bit tweak first_tweak + k * tweak_step (little-endian, zero-padded to\n"
-"16 bytes). key is 32 or 64 bytes. With keep_holes (decrypting only), a\n"
-"unit of all zero bytes stays zeros instead of being decrypted.");
+"16 bytes). With keep_holes (decrypting only), a unit of all zero bytes\n"
+"stays zeros instead of being decrypted.");
 
-static PyObject *xts_crypt(PyObject *Py_UNUSED(module), PyObject *args)
+static PyObject *xts_key_crypt(XtsKey *self, PyObject *args)
 {
-	Py_buffer key, data;
+	Py_buffer data;
 	Py_ssize_t unit;
 	unsigned long long tweak, step;
 	int encrypt, keep_holes, err;
 	const char *why = NULL;
 	PyObject *result = NULL;
+	EVP_CIPHER_CTX *ctx;
 
-	if (!PyArg_ParseTuple(args, "y*y*nKKpp:crypt", &key, &data, &unit,
-			      &tweak, &step, &encrypt, &keep_holes))
+	if (!PyArg_ParseTuple(args, "y*nKKpp:crypt", &data, &unit, &tweak,
+			      &step, &encrypt, &keep_holes))
 		return NULL;
 	if (encrypt && keep_holes) {
 		PyErr_SetString(PyExc_ValueError,
 				"keep_holes applies to decryption only");
-		goto release;
-	}
-	if (key.len != 32 && key.len != 64) {
-		PyErr_Format(PyExc_ValueError,
-			     "AES-XTS needs a 256- or 512-bit key, got %zd bits",
-			     key.len * 8);
 		goto release;
 	}
 	if (unit < XTS_TWEAK_SIZE || unit > INT_MAX || data.len % unit) {
@@ -109,27 +183,51 @@ static PyObject *xts_crypt(PyObject *Py_UNUSED(module), PyObject *args)
 			     data.len, unit);
 		goto release;
 	}
+	ctx = xts_key_take(self, encrypt);
+	if (!ctx) {
+		PyErr_SetString(PyExc_MemoryError,
+				"OpenSSL could not copy the AES-XTS context");
+		goto release;
+	}
 	result = PyBytes_FromStringAndSize(NULL, data.len);
 	if (!result)
-		goto release;
+		goto put_ctx;
 	Py_BEGIN_ALLOW_THREADS
-	err = xts_run(key.buf, key.len, data.buf,
-		      (unsigned char *)PyBytes_AS_STRING(result), data.len,
-		      unit, tweak, step, encrypt, keep_holes, &why);
+	err = xts_run(ctx, data.buf, (unsigned char *)PyBytes_AS_STRING(result),
+		      data.len, unit, tweak, step, encrypt, keep_holes, &why);
 	Py_END_ALLOW_THREADS
 	if (err) {
 		Py_CLEAR(result);
 		PyErr_SetString(PyExc_RuntimeError, why);
+		EVP_CIPHER_CTX_free(ctx);	/* its state is unknown */
+		goto release;
 	}
+put_ctx:
+	xts_key_put(self, encrypt, ctx);
 release:
 	PyBuffer_Release(&data);
-	PyBuffer_Release(&key);
 	return result;
 }
 
-static PyMethodDef xts_methods[] = {
-	{ "crypt", xts_crypt, METH_VARARGS, xts_crypt_doc },
+static PyMethodDef xts_key_methods[] = {
+	{ "crypt", (PyCFunction)xts_key_crypt, METH_VARARGS,
+	  xts_key_crypt_doc },
 	{ NULL, NULL, 0, NULL },
+};
+
+PyDoc_STRVAR(xts_key_doc,
+"Key(key)\n\n"
+"An AES-XTS key (32 or 64 bytes), expanded once for every later crypt().");
+
+static PyTypeObject xts_key_type = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "storaged._xts.Key",
+	.tp_doc = xts_key_doc,
+	.tp_basicsize = sizeof(XtsKey),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_new = xts_key_new,
+	.tp_dealloc = (destructor)xts_key_dealloc,
+	.tp_methods = xts_key_methods,
 };
 
 static struct PyModuleDef xts_module = {
@@ -137,11 +235,12 @@ static struct PyModuleDef xts_module = {
 	.m_name = "storaged._xts",
 	.m_doc = "AES-XTS over runs of data units (OpenSSL EVP).",
 	.m_size = -1,
-	.m_methods = xts_methods,
 };
 
 PyMODINIT_FUNC PyInit__xts(void)
 {
+	PyObject *module;
+
 	if (!xts_aes128)
 		xts_aes128 = EVP_CIPHER_fetch(NULL, "AES-128-XTS", NULL);
 	if (!xts_aes256)
@@ -151,5 +250,14 @@ PyMODINIT_FUNC PyInit__xts(void)
 				"OpenSSL offers no AES-XTS cipher");
 		return NULL;
 	}
-	return PyModule_Create(&xts_module);
+	if (PyType_Ready(&xts_key_type) < 0)
+		return NULL;
+	module = PyModule_Create(&xts_module);
+	if (!module)
+		return NULL;
+	if (PyModule_AddObjectRef(module, "Key", (PyObject *)&xts_key_type)) {
+		Py_DECREF(module);
+		return NULL;
+	}
+	return module;
 }

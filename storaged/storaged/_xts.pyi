@@ -1,14 +1,21 @@
 """AES-XTS over runs of data units (storaged/storaged/_xts.c)."""
 
+from typing import final
+
 from typing_extensions import Buffer
 
-def crypt(
-    key: bytes,
-    data: Buffer,
-    unit_size: int,
-    first_tweak: int,
-    tweak_step: int,
-    encrypt: bool,
-    keep_holes: bool,
-    /,
-) -> bytes: ...
+@final
+class Key:
+    """An AES-XTS key (32 or 64 bytes), expanded once for every ``crypt``."""
+
+    def __init__(self, key: Buffer) -> None: ...
+    def crypt(
+        self,
+        data: Buffer,
+        unit_size: int,
+        first_tweak: int,
+        tweak_step: int,
+        encrypt: bool,
+        keep_holes: bool,
+        /,
+    ) -> bytes: ...

@@ -220,7 +220,8 @@ class SectorCipher:
     The tweak of a sector is ``segment_offset // 512 + iv_tweak`` (plain64
     counts 512-byte units even with 4096-byte sectors), zero-padded to 16
     bytes little-endian.  A whole run of sectors goes through one OpenSSL
-    context in one call (``storaged._xts``), with the GIL released.
+    context in one call (``storaged._xts``), with the GIL released; the key is
+    expanded once, when the cipher is made.
     """
 
     __slots__ = ("_iv_tweak", "_key", "_sector_size", "_units_per_sector")
@@ -235,7 +236,7 @@ class SectorCipher:
             raise Luks2Error(f"unsupported sector size {sector_size}")
         if iv_tweak < 0:
             raise Luks2Error(f"negative iv_tweak {iv_tweak}")
-        self._key = bytes(volume_key)
+        self._key = _xts.Key(volume_key)
         self._sector_size = sector_size
         self._units_per_sector = sector_size // IV_UNIT
         self._iv_tweak = iv_tweak
@@ -274,7 +275,7 @@ class SectorCipher:
         first = segment_offset // IV_UNIT + self._iv_tweak
         if first + (length // size) * step > _PLAIN64_LIMIT:
             raise Luks2Error(f"offset {segment_offset} is beyond the plain64 IV range")
-        return _xts.crypt(self._key, data, size, first, step, encrypt, keep_holes)
+        return self._key.crypt(data, size, first, step, encrypt, keep_holes)
 
 
 def _valid_sector_size(size: int) -> bool:

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -506,7 +507,28 @@ def test_sector_cipher_keeps_holes_only_when_asked() -> None:
 
 def test_xts_keeps_holes_when_decrypting_only() -> None:
     with pytest.raises(ValueError, match="decryption only"):
-        _xts.crypt(os.urandom(64), bytes(4096), 4096, 0, 8, True, True)
+        _xts.Key(os.urandom(64)).crypt(bytes(4096), 4096, 0, 8, True, True)
+
+
+@pytest.mark.parametrize("key_len", [32, 64])
+def test_xts_key_is_expanded_once_and_shared_by_threads(key_len: int) -> None:
+    """Every call copies the keyed contexts, so calls from many threads on
+    one Key, encrypting and decrypting in turn, each see only their tweaks."""
+    key = _xts.Key(raw := os.urandom(key_len))
+    sectors = [os.urandom(4096) for _ in range(8)]
+
+    def round_trip(index: int) -> bool:
+        encrypted = key.crypt(sectors[index], 4096, index, 8, True, False)
+        assert encrypted == reference_xts(raw, index, sectors[index])
+        return key.crypt(encrypted, 4096, index, 8, False, False) == sectors[index]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(round_trip, [i % 8 for i in range(400)]))
+
+
+def test_xts_key_rejects_other_sizes() -> None:
+    with pytest.raises(ValueError, match="256- or 512-bit key, got 384 bits"):
+        _xts.Key(os.urandom(48))
 
 
 def test_sector_cipher_tweak_is_offset_in_512_byte_units() -> None:
