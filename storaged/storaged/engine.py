@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from storaged.protocol.codec import Request
 from storaged.protocol.constants import Cmd, CmdFlag, Errno
@@ -18,23 +18,27 @@ from storaged.volume import Volume
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
+    """What running a request gave (a NamedTuple: one per request, cheap)."""
+
     error: Errno
     data: bytes = b""
     cache_hit: bool | None = None
 
 
 OK = Outcome(Errno.OK)
+# Flag tests on plain ints: IntFlag's & runs Python code (enum.__and__).
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
 
 
 def _read(volume: Volume, request: Request) -> Outcome:
-    result = volume.read(request.offset, request.length)
-    return Outcome(Errno.OK, result.data, result.cache_hit)
+    data, cache_hit = volume.read(request.offset, request.length)
+    return Outcome(Errno.OK, data, cache_hit)
 
 
 def _write(volume: Volume, request: Request) -> Outcome:
-    volume.write(request.offset, request.data, fua=bool(request.flags & CmdFlag.FUA))
+    volume.write(request.offset, request.data, fua=bool(int(request.flags) & _FUA))
     return OK
 
 
@@ -44,7 +48,7 @@ def _flush(volume: Volume, request: Request) -> Outcome:
 
 
 def _trim(volume: Volume, request: Request) -> Outcome:
-    volume.trim(request.offset, request.length, fua=bool(request.flags & CmdFlag.FUA))
+    volume.trim(request.offset, request.length, fua=bool(int(request.flags) & _FUA))
     return OK
 
 
@@ -52,8 +56,8 @@ def _write_zeroes(volume: Volume, request: Request) -> Outcome:
     volume.write_zeroes(
         request.offset,
         request.length,
-        no_hole=bool(request.flags & CmdFlag.NO_HOLE),
-        fua=bool(request.flags & CmdFlag.FUA),
+        no_hole=bool(int(request.flags) & _NO_HOLE),
+        fua=bool(int(request.flags) & _FUA),
     )
     return OK
 

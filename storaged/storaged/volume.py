@@ -15,8 +15,8 @@ import ctypes
 import errno
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from storaged import luks2
 from storaged.cache import SectorCache
@@ -40,8 +40,9 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-@dataclass(frozen=True)
-class ReadResult:
+class ReadResult(NamedTuple):
+    """A read's plaintext and whether the cache answered it (one per read)."""
+
     data: bytes
     cache_hit: bool
 

@@ -12,7 +12,7 @@ import enum
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from storaged.protocol.constants import (
     BLOCK_SIZE,
@@ -71,6 +71,11 @@ REQUIRED_EXPORT_FLAG: dict[Cmd, ExportFlag] = {
     Cmd.TRIM: ExportFlag.SEND_TRIM,
     Cmd.WRITE_ZEROES: ExportFlag.SEND_WRITE_ZEROES,
 }
+# Hot-path flag tests on plain ints: IntFlag's & runs Python code (enum.__and__).
+_REQUIRED_EXPORT_BITS: dict[Cmd, int] = {
+    cmd: int(flag) for cmd, flag in REQUIRED_EXPORT_FLAG.items()
+}
+_READ_ONLY_BIT = int(ExportFlag.READ_ONLY)
 
 
 class ProtocolError(Exception):
@@ -122,9 +127,12 @@ class HelloReply:
     max_inflight: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A valid request; ``data`` is the WRITE payload, else empty."""
+class Request(NamedTuple):
+    """A valid request; ``data`` is the WRITE payload, else empty.
+
+    A NamedTuple, not a frozen dataclass: one is made per request, and a
+    frozen dataclass's ``__init__`` costs twice as much (768 against 327 ns
+    on the development host)."""
 
     opcode: Cmd
     flags: CmdFlag
@@ -406,10 +414,11 @@ def _check_request(
         return Errno.INVAL, "non-zero reserved field"
     if flags & ~_ALLOWED_BITS[cmd]:
         return Errno.INVAL, f"flags {flags:#x} not valid for {cmd.name}"
-    needed = REQUIRED_EXPORT_FLAG.get(cmd)
-    if needed is not None and not geometry.flags & needed:
+    export_flags = int(geometry.flags)
+    needed = _REQUIRED_EXPORT_BITS.get(cmd)
+    if needed is not None and not export_flags & needed:
         return Errno.NOTSUP, f"export does not offer {cmd.name}"
-    if cmd in MUTATING and geometry.flags & ExportFlag.READ_ONLY:
+    if cmd in MUTATING and export_flags & _READ_ONLY_BIT:
         return Errno.PERM, f"{cmd.name} on a read-only export"
     if cmd not in RANGED:
         if offset or length:
