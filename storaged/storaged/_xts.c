@@ -32,16 +32,16 @@ static int xts_all_zero(const unsigned char *p, Py_ssize_t len)
 static EVP_CIPHER *xts_aes128;
 static EVP_CIPHER *xts_aes256;
 
+/* Copies kept for reuse per direction: one per thread that may be inside
+ * crypt() at once (storaged: a thread per connection plus its pool). */
+#define XTS_SPARES 8
+
 /* A volume key, expanded once into a decrypting and an encrypting context.
  * A call works on a copy of one (it only ever sets the tweak), and the copy
  * is kept for the next call: keying a context per call cost two AES key
  * expansions and a provider round trip, copying one a pair of allocations,
  * each more than the XTS of a 4 KiB sector on the host.  The keyed contexts
  * are only read after creation. */
-/* Copies kept for reuse per direction: one per thread that may be inside
- * crypt() at once (storaged: a thread per connection plus its pool). */
-#define XTS_SPARES 8
-
 typedef struct {
 	PyObject_HEAD
 	EVP_CIPHER_CTX *keyed[2];	/* [encrypt]: 0 decrypts, 1 encrypts */
