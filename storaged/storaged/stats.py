@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +31,21 @@ class LatencyHistogram:
     total_us: int = 0
     max_us: int = 0
 
-    def record(self, seconds: float) -> None:
-        micros = max(1, int(seconds * 1_000_000))
-        self.buckets[min(micros.bit_length() - 1, LATENCY_BUCKETS - 1)] += 1
-        self.count += 1
-        self.total_us += micros
-        self.max_us = max(self.max_us, micros)
+    def record(self, latencies: Iterable[float]) -> None:
+        """Count requests that took ``latencies`` seconds each."""
+        buckets = self.buckets
+        top = LATENCY_BUCKETS - 1
+        count = total = 0
+        peak = self.max_us
+        for seconds in latencies:
+            micros = int(seconds * 1_000_000) or 1
+            buckets[min(micros.bit_length() - 1, top)] += 1
+            count += 1
+            total += micros
+            peak = max(peak, micros)
+        self.count += count
+        self.total_us += total
+        self.max_us = peak
 
     def merge(self, other: LatencyHistogram) -> None:
         self.buckets = [
@@ -79,22 +89,30 @@ class IoCounters:
     cache_misses: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    def record(
-        self, op: Cmd, length: int, error: Errno, cache_hit: bool | None, seconds: float
-    ) -> None:
-        self.requests[_OP_KEYS[op]] += 1
-        if error is not Errno.OK:
-            self.errors += 1
-        elif op is Cmd.READ:
-            self.bytes_read += length
-        elif op is Cmd.WRITE:
-            self.bytes_written += length
-        if cache_hit is not None:
-            if cache_hit:
-                self.cache_hits += 1
-            else:
-                self.cache_misses += 1
-        self.latency.record(seconds)
+    def record(self, records: Sequence[RequestRecord]) -> None:
+        """Count a batch of requests: one call per batch, locals in the loop
+        (this runs for every request, on the connection's thread)."""
+        requests = self.requests
+        read = written = errors = hits = misses = 0
+        for op, length, error, cache_hit, _seconds in records:
+            requests[_OP_KEYS[op]] += 1
+            if error:
+                errors += 1
+            elif op is Cmd.READ:
+                read += length
+            elif op is Cmd.WRITE:
+                written += length
+            if cache_hit is not None:
+                if cache_hit:
+                    hits += 1
+                else:
+                    misses += 1
+        self.bytes_read += read
+        self.bytes_written += written
+        self.errors += errors
+        self.cache_hits += hits
+        self.cache_misses += misses
+        self.latency.record(record[4] for record in records)
 
     def record_refusal(self) -> None:
         """A request refused before reaching storage (EINVAL, EPERM, ...)."""
@@ -165,9 +183,7 @@ class ServerStats:
 
     def record_requests(self, export: str, client: str, records: list[RequestRecord]) -> None:
         with self._lock:
-            record = self._pair(export, client).record
-            for op, length, error, cache_hit, seconds in records:
-                record(op, length, error, cache_hit, seconds)
+            self._pair(export, client).record(records)
 
     def record_refusal(self, export: str, client: str) -> None:
         with self._lock:
