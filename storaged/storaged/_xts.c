@@ -8,14 +8,21 @@
  * context per sector, which costs more than encrypting the 4 KiB sector;
  * OpenSSL's EVP API can re-initialise just the tweak of a keyed context.
  * This module keys a context once per volume key (Key), reuses copies of
- * it, and walks a whole run per call with the GIL released.  Decrypting, it
- * can also pass holes through: a data unit that is all zero bytes on disk
+ * it, and walks a whole run per call with the GIL released.  Reading from a
+ * file it passes holes through: a data unit that is all zero bytes on disk
  * was never written (a hole of a sparse volume file), and reads as zeros.
+ *
+ * pread and pwrite do a request's file I/O and its crypto in one call and
+ * one release of the GIL, decrypting in place in the bytes they return: no
+ * second buffer, and none of the Python a call to os.pread or os.pwrite and
+ * a separate crypt() would run per request.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <openssl/evp.h>
 
@@ -151,59 +158,211 @@ release:
 	return (PyObject *)self;
 }
 
+/*
+ * A context for a run of @len bytes in @unit-byte data units, or NULL with
+ * ValueError (not such a run) or MemoryError set (GIL held).
+ */
+static EVP_CIPHER_CTX *xts_key_take_for(XtsKey *self, int encrypt,
+					Py_ssize_t len, Py_ssize_t unit)
+{
+	EVP_CIPHER_CTX *ctx;
+
+	if (len < 0 || unit < XTS_TWEAK_SIZE || unit > INT_MAX ||
+	    len % unit) {
+		PyErr_Format(PyExc_ValueError,
+			     "%zd bytes is not a run of %zd-byte data units",
+			     len, unit);
+		return NULL;
+	}
+	ctx = xts_key_take(self, encrypt);
+	if (!ctx)
+		PyErr_SetString(PyExc_MemoryError,
+				"OpenSSL could not copy the AES-XTS context");
+	return ctx;
+}
+
+/* Fill @len bytes from @fd at @pos, zeros past the end of the file.
+ * Returns 0 or an errno; runs without the GIL. */
+static int xts_pread_all(int fd, unsigned char *buf, Py_ssize_t len,
+			 long long pos)
+{
+	ssize_t got;
+
+	while (len) {
+		got = pread(fd, buf, len, pos);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got < 0)
+			return errno;
+		if (!got) {
+			memset(buf, 0, len);
+			return 0;
+		}
+		buf += got;
+		len -= got;
+		pos += got;
+	}
+	return 0;
+}
+
+/* Write @len bytes to @fd at @pos.  Returns 0 or an errno; runs without
+ * the GIL. */
+static int xts_pwrite_all(int fd, const unsigned char *buf, Py_ssize_t len,
+			  long long pos)
+{
+	ssize_t put;
+
+	while (len) {
+		put = pwrite(fd, buf, len, pos);
+		if (put < 0 && errno == EINTR)
+			continue;
+		if (put < 0)
+			return errno;
+		buf += put;
+		len -= put;
+		pos += put;
+	}
+	return 0;
+}
+
+/*
+ * After a run without the GIL: put @ctx back, or, if the crypto failed
+ * (@why set), free it (its state is unknown).  @io_err is an errno from the
+ * file I/O.  Returns 0, or -1 with the exception set (GIL held).
+ */
+static int xts_key_end_run(XtsKey *self, int encrypt, EVP_CIPHER_CTX *ctx,
+			   int io_err, const char *why)
+{
+	if (why) {
+		EVP_CIPHER_CTX_free(ctx);
+		PyErr_SetString(PyExc_RuntimeError, why);
+		return -1;
+	}
+	xts_key_put(self, encrypt, ctx);
+	if (io_err) {
+		errno = io_err;
+		PyErr_SetFromErrno(PyExc_OSError);
+		return -1;
+	}
+	return 0;
+}
+
 PyDoc_STRVAR(xts_key_crypt_doc,
-"crypt(data, unit_size, first_tweak, tweak_step, encrypt, keep_holes)\n"
-"-> bytes\n\n"
+"crypt(data, unit_size, first_tweak, tweak_step, encrypt) -> bytes\n\n"
 "En- or decrypt data, a run of unit_size-byte data units; unit k has the\n"
 "64-bit tweak first_tweak + k * tweak_step (little-endian, zero-padded to\n"
-"16 bytes). With keep_holes (decrypting only), a unit of all zero bytes\n"
-"stays zeros instead of being decrypted.");
+"16 bytes).");
 
 static PyObject *xts_key_crypt(XtsKey *self, PyObject *args)
 {
 	Py_buffer data;
 	Py_ssize_t unit;
 	unsigned long long tweak, step;
-	int encrypt, keep_holes, err;
+	int encrypt;
 	const char *why = NULL;
 	PyObject *result = NULL;
 	EVP_CIPHER_CTX *ctx;
 
-	if (!PyArg_ParseTuple(args, "y*nKKpp:crypt", &data, &unit, &tweak,
-			      &step, &encrypt, &keep_holes))
+	if (!PyArg_ParseTuple(args, "y*nKKp:crypt", &data, &unit, &tweak,
+			      &step, &encrypt))
 		return NULL;
-	if (encrypt && keep_holes) {
-		PyErr_SetString(PyExc_ValueError,
-				"keep_holes applies to decryption only");
+	ctx = xts_key_take_for(self, encrypt, data.len, unit);
+	if (!ctx)
 		goto release;
-	}
-	if (unit < XTS_TWEAK_SIZE || unit > INT_MAX || data.len % unit) {
-		PyErr_Format(PyExc_ValueError,
-			     "%zd bytes is not a run of %zd-byte data units",
-			     data.len, unit);
-		goto release;
-	}
-	ctx = xts_key_take(self, encrypt);
-	if (!ctx) {
-		PyErr_SetString(PyExc_MemoryError,
-				"OpenSSL could not copy the AES-XTS context");
-		goto release;
-	}
 	result = PyBytes_FromStringAndSize(NULL, data.len);
-	if (!result)
-		goto put_ctx;
-	Py_BEGIN_ALLOW_THREADS
-	err = xts_run(ctx, data.buf, (unsigned char *)PyBytes_AS_STRING(result),
-		      data.len, unit, tweak, step, encrypt, keep_holes, &why);
-	Py_END_ALLOW_THREADS
-	if (err) {
-		Py_CLEAR(result);
-		PyErr_SetString(PyExc_RuntimeError, why);
-		EVP_CIPHER_CTX_free(ctx);	/* its state is unknown */
+	if (!result) {
+		xts_key_put(self, encrypt, ctx);
 		goto release;
 	}
-put_ctx:
-	xts_key_put(self, encrypt, ctx);
+	Py_BEGIN_ALLOW_THREADS
+	xts_run(ctx, data.buf, (unsigned char *)PyBytes_AS_STRING(result),
+		data.len, unit, tweak, step, encrypt, 0, &why);
+	Py_END_ALLOW_THREADS
+	if (xts_key_end_run(self, encrypt, ctx, 0, why))
+		Py_CLEAR(result);
+release:
+	PyBuffer_Release(&data);
+	return result;
+}
+
+PyDoc_STRVAR(xts_key_pread_doc,
+"pread(fd, position, length, unit_size, first_tweak, tweak_step) -> bytes\n\n"
+"Read length bytes at position in file descriptor fd and decrypt them as\n"
+"crypt() would, in one release of the GIL.  A unit of all zero bytes (a\n"
+"hole) and bytes past the end of the file read as zeros.  Raises OSError\n"
+"as os.pread does.");
+
+static PyObject *xts_key_pread(XtsKey *self, PyObject *args)
+{
+	int fd, io_err = 0;
+	long long pos;
+	Py_ssize_t len, unit;
+	unsigned long long tweak, step;
+	const char *why = NULL;
+	unsigned char *buf;
+	PyObject *result;
+	EVP_CIPHER_CTX *ctx;
+
+	if (!PyArg_ParseTuple(args, "iLnnKK:pread", &fd, &pos, &len, &unit,
+			      &tweak, &step))
+		return NULL;
+	ctx = xts_key_take_for(self, 0, len, unit);
+	if (!ctx)
+		return NULL;
+	result = PyBytes_FromStringAndSize(NULL, len);
+	if (!result) {
+		xts_key_put(self, 0, ctx);
+		return NULL;
+	}
+	buf = (unsigned char *)PyBytes_AS_STRING(result);
+	Py_BEGIN_ALLOW_THREADS
+	io_err = xts_pread_all(fd, buf, len, pos);
+	if (!io_err)	/* in place: OpenSSL allows out == in */
+		xts_run(ctx, buf, buf, len, unit, tweak, step, 0, 1, &why);
+	Py_END_ALLOW_THREADS
+	if (xts_key_end_run(self, 0, ctx, io_err, why))
+		Py_CLEAR(result);
+	return result;
+}
+
+PyDoc_STRVAR(xts_key_pwrite_doc,
+"pwrite(fd, position, data, unit_size, first_tweak, tweak_step) -> None\n\n"
+"Encrypt data as crypt() would and write all of it at position in file\n"
+"descriptor fd, in one release of the GIL.  Raises OSError as os.pwrite\n"
+"does; a short write is retried.");
+
+static PyObject *xts_key_pwrite(XtsKey *self, PyObject *args)
+{
+	Py_buffer data;
+	int fd, io_err = 0;
+	long long pos;
+	Py_ssize_t unit;
+	unsigned long long tweak, step;
+	const char *why = NULL;
+	unsigned char *buf;
+	PyObject *result = NULL;
+	EVP_CIPHER_CTX *ctx;
+
+	if (!PyArg_ParseTuple(args, "iLy*nKK:pwrite", &fd, &pos, &data, &unit,
+			      &tweak, &step))
+		return NULL;
+	ctx = xts_key_take_for(self, 1, data.len, unit);
+	if (!ctx)
+		goto release;
+	buf = PyMem_RawMalloc(data.len ? data.len : 1);
+	if (!buf) {
+		PyErr_NoMemory();
+		xts_key_put(self, 1, ctx);
+		goto release;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	if (!xts_run(ctx, data.buf, buf, data.len, unit, tweak, step, 1, 0,
+		     &why))
+		io_err = xts_pwrite_all(fd, buf, data.len, pos);
+	Py_END_ALLOW_THREADS
+	PyMem_RawFree(buf);
+	if (!xts_key_end_run(self, 1, ctx, io_err, why))
+		result = Py_NewRef(Py_None);
 release:
 	PyBuffer_Release(&data);
 	return result;
@@ -212,6 +371,10 @@ release:
 static PyMethodDef xts_key_methods[] = {
 	{ "crypt", (PyCFunction)xts_key_crypt, METH_VARARGS,
 	  xts_key_crypt_doc },
+	{ "pread", (PyCFunction)xts_key_pread, METH_VARARGS,
+	  xts_key_pread_doc },
+	{ "pwrite", (PyCFunction)xts_key_pwrite, METH_VARARGS,
+	  xts_key_pwrite_doc },
 	{ NULL, NULL, 0, NULL },
 };
 

@@ -6,7 +6,7 @@ from typing_extensions import Buffer
 
 @final
 class Key:
-    """An AES-XTS key (32 or 64 bytes), expanded once for every ``crypt``."""
+    """An AES-XTS key (32 or 64 bytes), expanded once for every later call."""
 
     def __init__(self, key: Buffer) -> None: ...
     def crypt(
@@ -16,6 +16,25 @@ class Key:
         first_tweak: int,
         tweak_step: int,
         encrypt: bool,
-        keep_holes: bool,
         /,
     ) -> bytes: ...
+    def pread(
+        self,
+        fd: int,
+        position: int,
+        length: int,
+        unit_size: int,
+        first_tweak: int,
+        tweak_step: int,
+        /,
+    ) -> bytes: ...
+    def pwrite(
+        self,
+        fd: int,
+        position: int,
+        data: Buffer,
+        unit_size: int,
+        first_tweak: int,
+        tweak_step: int,
+        /,
+    ) -> None: ...

@@ -224,7 +224,7 @@ class SectorCipher:
     expanded once, when the cipher is made.
     """
 
-    __slots__ = ("_iv_tweak", "_key", "_sector_size", "_units_per_sector")
+    __slots__ = ("_iv_tweak", "_key", "_sector_size", "_step")
 
     def __init__(self, volume_key: bytes, sector_size: int = SECTOR_SIZE, iv_tweak: int = 0):
         if len(volume_key) not in XTS_KEY_SIZES:
@@ -238,44 +238,55 @@ class SectorCipher:
             raise Luks2Error(f"negative iv_tweak {iv_tweak}")
         self._key = _xts.Key(volume_key)
         self._sector_size = sector_size
-        self._units_per_sector = sector_size // IV_UNIT
+        self._step = sector_size // IV_UNIT  # plain64 units per sector
         self._iv_tweak = iv_tweak
 
     def encrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
         """Encrypt whole sectors that start ``segment_offset`` bytes into the segment."""
-        return self._crypt(segment_offset, data, encrypt=True, keep_holes=False)
+        return self._crypt(segment_offset, data, encrypt=True)
 
-    def decrypt(
-        self, segment_offset: int, data: bytes | bytearray | memoryview, *, keep_holes: bool = False
-    ) -> bytes:
-        """Decrypt whole sectors that start ``segment_offset`` bytes into the segment.
+    def decrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Decrypt whole sectors that start ``segment_offset`` bytes into the segment."""
+        return self._crypt(segment_offset, data, encrypt=False)
 
-        With ``keep_holes``, a sector that is all zero bytes (never written:
-        a hole of a sparse file; real ciphertext is all zeros with
-        probability 2**-32768) reads as zeros instead of being decrypted.
+    def pread(self, fd: int, position: int, segment_offset: int, length: int) -> bytes:
+        """Read and decrypt whole sectors: ``length`` bytes at ``position`` in
+        ``fd``, which is ``segment_offset`` bytes into the segment.  File I/O
+        and AES in one release of the GIL.
+
+        A sector that is all zero bytes on disk (never written: a hole of a
+        sparse file; real ciphertext is all zeros with probability
+        2**-32768) and bytes past the end of the file read as zeros.
         """
-        return self._crypt(segment_offset, data, encrypt=False, keep_holes=keep_holes)
+        first = self._first_tweak(segment_offset, length)
+        return self._key.pread(fd, position, length, self._sector_size, first, self._step)
+
+    def pwrite(
+        self, fd: int, position: int, segment_offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        """Encrypt whole sectors and write them at ``position`` in ``fd``,
+        which is ``segment_offset`` bytes into the segment (one GIL release)."""
+        first = self._first_tweak(segment_offset, memoryview(data).nbytes)
+        self._key.pwrite(fd, position, data, self._sector_size, first, self._step)
 
     def _crypt(
-        self,
-        segment_offset: int,
-        data: bytes | bytearray | memoryview,
-        *,
-        encrypt: bool,
-        keep_holes: bool,
+        self, segment_offset: int, data: bytes | bytearray | memoryview, *, encrypt: bool
     ) -> bytes:
-        length = memoryview(data).nbytes
+        first = self._first_tweak(segment_offset, memoryview(data).nbytes)
+        return self._key.crypt(data, self._sector_size, first, self._step, encrypt)
+
+    def _first_tweak(self, segment_offset: int, length: int) -> int:
+        """The plain64 tweak of the first of the sectors a run covers."""
         size = self._sector_size
         if segment_offset < 0 or segment_offset % size or length % size:
             raise Luks2Error(
                 f"I/O must cover whole {size}-byte sectors "
                 f"(offset {segment_offset}, length {length})"
             )
-        step = self._units_per_sector
         first = segment_offset // IV_UNIT + self._iv_tweak
-        if first + (length // size) * step > _PLAIN64_LIMIT:
+        if first + (length // size) * self._step > _PLAIN64_LIMIT:
             raise Luks2Error(f"offset {segment_offset} is beyond the plain64 IV range")
-        return self._key.crypt(data, size, first, step, encrypt, keep_holes)
+        return first
 
 
 def _valid_sector_size(size: int) -> bool:

@@ -101,13 +101,13 @@ class Volume:
         )
         if cached is not None:
             return ReadResult(b"".join(cached), cache_hit=True)
-        data = self._cipher.decrypt(offset, self._pread(offset, length), keep_holes=True)
+        data = self._cipher.pread(self._fd, self.data_offset + offset, offset, length)
         if admission is not None:
             self._cache.fill(self._id, first, data, admission)
         return ReadResult(data, cache_hit=False)
 
     def write(self, offset: int, data: bytes, *, fua: bool) -> None:
-        self._pwrite(offset, self._cipher.encrypt(offset, data))
+        self._cipher.pwrite(self._fd, self.data_offset + offset, offset, data)
         self._cache.invalidate(self._id, *self._sectors(offset, len(data)))
         if fua:
             self.flush()
@@ -124,7 +124,7 @@ class Volume:
         if no_hole:
             for start in range(offset, offset + length, ZERO_CHUNK):
                 chunk = min(ZERO_CHUNK, offset + length - start)
-                self._pwrite(start, self._cipher.encrypt(start, bytes(chunk)))
+                self._cipher.pwrite(self._fd, self.data_offset + start, start, bytes(chunk))
         else:
             self._deallocate(offset, length)
         self._cache.invalidate(self._id, *self._sectors(offset, length))
@@ -134,12 +134,6 @@ class Volume:
     def flush(self) -> None:
         """Make every completed write durable (the FLUSH and FUA contract)."""
         os.fdatasync(self._fd)
-
-    def _pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, self.data_offset + offset)
-        if len(data) < length:  # a file shorter than its size reads as holes
-            data += bytes(length - len(data))
-        return data
 
     def _pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)

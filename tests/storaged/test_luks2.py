@@ -7,6 +7,7 @@ Everything uses :data:`luks2.TEST_KDF_PARAMS` so an unlock costs milliseconds.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -487,43 +488,83 @@ def test_sector_cipher_round_trip() -> None:
     assert cipher.decrypt(0, bytearray(cipher.encrypt(0, memoryview(data)))) == data
 
 
-def test_sector_cipher_keeps_holes_only_when_asked() -> None:
-    """A sector of zeros on disk was never written: with keep_holes it reads
-    as zeros, its neighbours still decrypt, and their tweaks stay in step."""
+def test_sector_cipher_pread_and_pwrite_use_the_segment_offset(tmp_path: Path) -> None:
+    """The file position and the tweak are separate: a data segment starts
+    past the header, and its sectors' tweaks count from the segment."""
+    cipher = luks2.SectorCipher(os.urandom(64))
+    data = os.urandom(3 * 4096)
+    fd = os.open(tmp_path / "volume", os.O_RDWR | os.O_CREAT)
+    try:
+        cipher.pwrite(fd, 16384 + 4096, 4096, data)
+        assert os.pread(fd, len(data), 16384 + 4096) == cipher.encrypt(4096, data)
+        assert cipher.pread(fd, 16384 + 4096, 4096, len(data)) == data
+        assert cipher.pread(fd, 16384 + 4096, 0, len(data)) != data
+    finally:
+        os.close(fd)
+
+
+def test_sector_cipher_pread_keeps_holes_and_reads_past_the_end_as_zeros(
+    tmp_path: Path,
+) -> None:
+    """A sector of zeros on disk was never written: it reads as zeros, its
+    neighbours still decrypt with their own tweaks, and a file shorter than
+    the read is a hole at its end."""
     cipher = luks2.SectorCipher(os.urandom(64))
     data = os.urandom(3 * 4096)
     on_disk = bytearray(cipher.encrypt(4096, data))
     on_disk[4096:8192] = bytes(4096)
-    kept = cipher.decrypt(4096, on_disk, keep_holes=True)
-    assert kept == data[:4096] + bytes(4096) + data[8192:]
-    decrypted = cipher.decrypt(4096, on_disk)
-    assert decrypted[4096:8192] != bytes(4096)
-    assert decrypted[:4096] == data[:4096]
-    # Only whole zero sectors are holes: one non-zero byte anywhere is data.
-    almost = bytearray(4096)
+    almost = bytearray(4096)  # one non-zero byte anywhere is data, not a hole
     almost[4095] = 1
-    assert cipher.decrypt(0, almost, keep_holes=True) == cipher.decrypt(0, almost)
+    path = tmp_path / "volume"
+    path.write_bytes(bytes(on_disk) + almost)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert cipher.pread(fd, 0, 4096, 3 * 4096) == data[:4096] + bytes(4096) + data[8192:]
+        assert cipher.pread(fd, 3 * 4096, 4 * 4096, 4096) == cipher.decrypt(4 * 4096, almost)
+        assert cipher.pread(fd, 3 * 4096, 4 * 4096, 3 * 4096)[4096:] == bytes(2 * 4096)
+    finally:
+        os.close(fd)
+    assert cipher.decrypt(4096, on_disk)[4096:8192] != bytes(4096)  # crypt has no holes
 
 
-def test_xts_keeps_holes_when_decrypting_only() -> None:
-    with pytest.raises(ValueError, match="decryption only"):
-        _xts.Key(os.urandom(64)).crypt(bytes(4096), 4096, 0, 8, True, True)
+def test_xts_file_io_errors_are_oserrors_and_bad_runs_valueerrors(tmp_path: Path) -> None:
+    key = _xts.Key(os.urandom(64))
+    fd = os.open(tmp_path / "volume", os.O_RDONLY | os.O_CREAT)
+    os.close(fd)  # a closed descriptor: EBADF, as os.pread would say
+    with pytest.raises(OSError) as read_error:
+        key.pread(fd, 0, 4096, 4096, 0, 8)
+    with pytest.raises(OSError) as write_error:
+        key.pwrite(fd, 0, bytes(4096), 4096, 0, 8)
+    assert read_error.value.errno == write_error.value.errno == errno.EBADF
+    with pytest.raises(ValueError, match="not a run of 4096-byte data units"):
+        key.pread(fd, 0, 4095, 4096, 0, 8)
+    with pytest.raises(ValueError, match="-4096 bytes is not a run"):
+        key.pread(fd, 0, -4096, 4096, 0, 8)
 
 
 @pytest.mark.parametrize("key_len", [32, 64])
-def test_xts_key_is_expanded_once_and_shared_by_threads(key_len: int) -> None:
+def test_xts_key_is_expanded_once_and_shared_by_threads(key_len: int, tmp_path: Path) -> None:
     """Every call copies the keyed contexts, so calls from many threads on
-    one Key, encrypting and decrypting in turn, each see only their tweaks."""
+    one Key, encrypting and decrypting in turn, in memory and through a
+    file, each see only their tweaks."""
     key = _xts.Key(raw := os.urandom(key_len))
     sectors = [os.urandom(4096) for _ in range(8)]
+    fd = os.open(tmp_path / "volume", os.O_RDWR | os.O_CREAT)
 
     def round_trip(index: int) -> bool:
-        encrypted = key.crypt(sectors[index], 4096, index, 8, True, False)
+        encrypted = key.crypt(sectors[index], 4096, index, 8, True)
         assert encrypted == reference_xts(raw, index, sectors[index])
-        return key.crypt(encrypted, 4096, index, 8, False, False) == sectors[index]
+        assert key.crypt(encrypted, 4096, index, 8, False) == sectors[index]
+        key.pwrite(fd, index * 4096, sectors[index], 4096, index, 8)
+        return key.pread(fd, index * 4096, 4096, 4096, index, 8) == sectors[index]
 
-    with ThreadPoolExecutor(4) as pool:
-        assert all(pool.map(round_trip, [i % 8 for i in range(400)]))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(round_trip, [i % 8 for i in range(400)]))
+        for index, sector in enumerate(sectors):
+            assert os.pread(fd, 4096, index * 4096) == reference_xts(raw, index, sector)
+    finally:
+        os.close(fd)
 
 
 def test_xts_key_rejects_other_sizes() -> None:
