@@ -3,7 +3,7 @@
 A thin blocking I/O shell around ``protocol.codec.ServerConnection``.  Each
 receive takes every request the socket holds; READs, WRITEs, TRIMs and
 WRITE_ZEROES run right here, in arrival order, and their replies leave
-together in one send (one TLS record run, one syscall).  Only FLUSH is
+together in one send (one run of TLS records).  Only FLUSH is
 handed to the worker pool: an fdatasync can take long, and the requests
 behind it need not wait (a FLUSH covers the writes completed before it
 arrived, which inline execution has already finished).  A batch ends after
