@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
 from storaged.cache import STRIPES, SectorCache
 from storaged.protocol.constants import BLOCK_SIZE
+from tests.storaged.cache_model import ModelCache
 from tests.storaged.stack import Stack, run, serving
 
 
@@ -90,6 +95,93 @@ def test_zero_capacity_disables_the_cache() -> None:
     assert cache.lookup(1, 0, 1) == (None, None)
     assert cache.lookup(1, 0, 1) == (None, None)
     assert cache.stats().misses == 0
+
+
+_SMALL_SECTOR = 16
+# A small key space, so that operations meet: ranges of 1-2 sectors among 6
+# on two volumes.
+_volumes = st.sampled_from([1, 1, 2])
+_firsts = st.integers(0, 4)
+_counts = st.integers(1, 2)
+_operations = st.lists(
+    st.one_of(
+        # storaged's read path: lookup, then a fill if the range was taken
+        # in, with a write landing on its first sector meanwhile if `racing`
+        st.tuples(st.just("read"), _volumes, _firsts, _counts, st.booleans(), st.booleans()),
+        st.tuples(st.just("read"), _volumes, _firsts, _counts, st.just(False), st.just(False)),
+        st.tuples(
+            st.just("invalidate"),
+            _volumes,
+            _firsts,
+            st.sampled_from([1, 2, 3, 6, STRIPES + 3]),
+        ),
+    ),
+    min_size=10,
+    max_size=80,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(capacity=st.integers(0, 5), operations=_operations)
+# A hit renews a sector: 1 and 2 cached, 1 read again, 3 evicts 2, not 1.
+@example(
+    capacity=2,
+    operations=[("read", 1, sector, 1, False, False) for sector in (1, 1, 2, 2, 1, 3, 3, 1, 2)],
+)
+def test_the_c_cache_behaves_like_the_python_one(
+    capacity: int, operations: list[tuple[object, ...]]
+) -> None:
+    """storaged/_cache.c against the Python cache it replaced
+    (tests/storaged/cache_model.py): same answers, counters and evictions
+    for any mix of reads (some of them scans, some raced by a write) and
+    invalidations, with a capacity small enough to evict all the time."""
+    cache = SectorCache(capacity * _SMALL_SECTOR, _SMALL_SECTOR)
+    model = ModelCache(capacity * _SMALL_SECTOR, _SMALL_SECTOR)
+    for operation in operations:
+        match operation:
+            case ("read", volume, first, count, scan, racing):
+                answer = cache.lookup(volume, first, count, admit=not scan)
+                assert answer == model.lookup(volume, first, count, admit=not scan)
+                admission = answer[1]
+                if admission is not None:
+                    if racing:
+                        cache.invalidate(volume, first, 1)
+                        model.invalidate(volume, first, 1)
+                    data = bytes([first]) * (count * _SMALL_SECTOR)
+                    filled = cache.fill(volume, first, data, admission)
+                    assert filled == model.fill(volume, first, data, admission)
+            case ("invalidate", volume, first, count):
+                cache.invalidate(volume, first, count)
+                model.invalidate(volume, first, count)
+        assert cache.counters() == (model.held, model.hits, model.misses)
+        assert cache.keys() == model.keys()  # what each holds, in LRU order
+
+
+@pytest.mark.parametrize(
+    ("volume", "first", "count", "error"),
+    [
+        (-1, 0, 1, OverflowError),
+        (1, -1, 1, OverflowError),
+        (1, 0, -1, ValueError),
+        (1, (1 << 64) - 1, 1, ValueError),
+    ],
+)
+def test_ranges_outside_64_bit_sectors_are_refused(
+    volume: int, first: int, count: int, error: type[Exception]
+) -> None:
+    cache = SectorCache(16 * BLOCK_SIZE, BLOCK_SIZE)
+    with pytest.raises(error):
+        cache.lookup(volume, first, count)
+    with pytest.raises(error):
+        cache.invalidate(volume, first, count)
+
+
+def test_volume_ids_are_not_bounded() -> None:
+    """Every Volume the process opens takes a new id (tests open thousands)."""
+    cache = SectorCache(16 * BLOCK_SIZE, BLOCK_SIZE)
+    for volume in (1, 1 << 12, 1 << 61):
+        assert cache.fill(volume, 7, sector(volume % 251), admitted(cache, volume, 7, 1))
+        assert cache.lookup(volume, 7, 1)[0] == [sector(volume % 251)]
 
 
 def test_server_cache_stays_coherent_and_reports_hits(stack: Stack) -> None:
