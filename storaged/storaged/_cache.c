@@ -240,17 +240,35 @@ static int core_init(SectorCacheCore *self, PyObject *args, PyObject *kwds)
 				"capacity must be >= 0 and sector size > 0");
 		return -1;
 	}
-	lru_free(&self->entries);
-	lru_free(&self->missed);
-	self->sector_size = sector_size;
-	self->capacity = capacity_bytes / sector_size;
-	memset(self->generations, 0, sizeof(self->generations));
-	self->hits = self->misses = 0;
-	if (lru_init(&self->entries, self->capacity) ||
-	    lru_init(&self->missed, self->capacity)) {
+	/* A second __init__ would reset the generations that stop stale fills
+	 * by reads admitted before it. */
+	if (self->entries.buckets) {
+		PyErr_SetString(PyExc_RuntimeError,
+				"cache already initialised");
+		return -1;
+	}
+	if (capacity_bytes / sector_size > PY_SSIZE_T_MAX / 4) {
+		PyErr_SetString(PyExc_OverflowError,
+				"cache capacity too large");
+		return -1;
+	}
+	if (lru_init(&self->entries, capacity_bytes / sector_size) ||
+	    lru_init(&self->missed, capacity_bytes / sector_size)) {
+		lru_free(&self->entries);
 		PyErr_NoMemory();
 		return -1;
 	}
+	self->sector_size = sector_size;
+	self->capacity = capacity_bytes / sector_size;
+	return 0;
+}
+
+/* Whether __init__ ran (a bare __new__ leaves no maps), else an error. */
+static int ready(SectorCacheCore *self)
+{
+	if (self->missed.buckets)
+		return 1;
+	PyErr_SetString(PyExc_RuntimeError, "cache not initialised");
 	return 0;
 }
 
@@ -298,7 +316,7 @@ static PyObject *core_lookup(SectorCacheCore *self, PyObject *const *args,
 		if (take_in < 0)
 			return NULL;
 	}
-	if (parse_range(args, &volume, &first, &count))
+	if (!ready(self) || parse_range(args, &volume, &first, &count))
 		return NULL;
 	if (!self->capacity)
 		return Py_BuildValue("(OO)", Py_None, Py_None);
@@ -309,7 +327,8 @@ static PyObject *core_lookup(SectorCacheCore *self, PyObject *const *args,
 	if (!count)	/* nothing asked for, all of it found */
 		return Py_BuildValue("([]O)", Py_None);
 	found = NULL;
-	if (lru_find(&self->entries, volume, first)) {
+	if (count <= self->entries.count &&
+	    lru_find(&self->entries, volume, first)) {
 		found = PyList_New(count);
 		if (!found)
 			return NULL;
@@ -358,7 +377,7 @@ static PyObject *core_fill(SectorCacheCore *self, PyObject *const *args,
 				"fill(volume, first, data, admission)");
 		return NULL;
 	}
-	if (PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE))
+	if (!ready(self) || PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE))
 		return NULL;
 	sectors = data.len / size;
 	range[0] = args[0];
@@ -398,6 +417,7 @@ static PyObject *core_fill(SectorCacheCore *self, PyObject *const *args,
 	PyBuffer_Release(&data);
 	Py_RETURN_TRUE;
 fail:
+	lru_trim(&self->entries, self->capacity);	/* a partial fill */
 	Py_XDECREF(range[2]);
 	PyBuffer_Release(&data);
 	return NULL;
@@ -414,7 +434,7 @@ static PyObject *core_invalidate(SectorCacheCore *self, PyObject *const *args,
 				"invalidate(volume, first, count)");
 		return NULL;
 	}
-	if (parse_range(args, &volume, &first, &count))
+	if (!ready(self) || parse_range(args, &volume, &first, &count))
 		return NULL;
 	if (count >= CACHE_STRIPES) {
 		for (i = 0; i < CACHE_STRIPES; i++)
@@ -448,31 +468,50 @@ static PyObject *core_invalidate(SectorCacheCore *self, PyObject *const *args,
 	Py_RETURN_NONE;
 }
 
+/* The keys of a map, oldest first.  They are copied out before any Python
+ * object is made: making one may run the garbage collector, and with it a
+ * finalizer that lets another thread change the map. */
 static PyObject *lru_keys(LruMap *map)
 {
-	PyObject *keys = PyList_New(map->count);
+	Py_ssize_t count = map->count, i;
+	uint64_t (*pairs)[2] = PyMem_Calloc(count ? count : 1, sizeof(*pairs));
 	CacheEntry *entry = map->oldest;
-	Py_ssize_t i;
+	PyObject *keys = NULL;
 
-	if (!keys)
-		return NULL;
-	for (i = 0; i < map->count; i++, entry = entry->newer) {
-		PyObject *key = Py_BuildValue("(KK)", entry->volume,
-					      entry->sector);
-
-		if (!key) {
-			Py_DECREF(keys);
-			return NULL;
-		}
-		PyList_SET_ITEM(keys, i, key);
+	if (!pairs)
+		return PyErr_NoMemory();
+	for (i = 0; i < count; i++, entry = entry->newer) {
+		pairs[i][0] = entry->volume;
+		pairs[i][1] = entry->sector;
 	}
+	keys = PyList_New(count);
+	for (i = 0; keys && i < count; i++) {
+		PyObject *key = Py_BuildValue("(KK)", pairs[i][0], pairs[i][1]);
+
+		if (!key)
+			Py_CLEAR(keys);
+		else
+			PyList_SET_ITEM(keys, i, key);
+	}
+	PyMem_Free(pairs);
 	return keys;
 }
 
 static PyObject *core_keys(SectorCacheCore *self, PyObject *unused)
 {
-	return Py_BuildValue("(NN)", lru_keys(&self->entries),
-			     lru_keys(&self->missed));
+	PyObject *entries, *missed;
+
+	if (!ready(self))
+		return NULL;
+	entries = lru_keys(&self->entries);
+	if (!entries)
+		return NULL;
+	missed = lru_keys(&self->missed);
+	if (!missed) {
+		Py_DECREF(entries);
+		return NULL;
+	}
+	return Py_BuildValue("(NN)", entries, missed);
 }
 
 static PyObject *core_counters(SectorCacheCore *self, PyObject *unused)

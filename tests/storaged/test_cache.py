@@ -176,6 +176,24 @@ def test_ranges_outside_64_bit_sectors_are_refused(
         cache.invalidate(volume, first, count)
 
 
+def test_the_cache_is_set_up_once() -> None:
+    """A second __init__ would reset the generations under admitted reads,
+    and a cache never set up has no maps to look in."""
+    cache = SectorCache(16 * BLOCK_SIZE, BLOCK_SIZE)
+    admission = admitted(cache, 1, 5, 1)
+    cache.invalidate(1, 5, 1)
+    with pytest.raises(RuntimeError, match="already"):
+        SectorCache.__init__(cache, 16 * BLOCK_SIZE, BLOCK_SIZE)
+    assert not cache.fill(1, 5, sector(1), admission)
+    bare = SectorCache.__new__(SectorCache)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        bare.lookup(1, 0, 1)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        bare.fill(1, 0, sector(1), ())
+    with pytest.raises(OverflowError):
+        SectorCache(1 << 62, 1)
+
+
 def test_volume_ids_are_not_bounded() -> None:
     """Every Volume the process opens takes a new id (tests open thousands)."""
     cache = SectorCache(16 * BLOCK_SIZE, BLOCK_SIZE)
