@@ -204,27 +204,36 @@ static PyObject *stripe_generations(SectorCacheCore *self, uint64_t volume,
 	return tuple;
 }
 
-static int parse_range(PyObject *const *args, uint64_t *volume,
-		       uint64_t *first, Py_ssize_t *count)
+/* A range's volume and first sector from Python ints, checked with its
+ * sector count: every sector number fits in 64 bits. */
+static int parse_range(PyObject *volume_arg, PyObject *first_arg,
+		       Py_ssize_t count, uint64_t *volume, uint64_t *first)
 {
-	unsigned long long v = PyLong_AsUnsignedLongLong(args[0]);
+	unsigned long long v = PyLong_AsUnsignedLongLong(volume_arg);
 	unsigned long long f;
 
 	if (v == (unsigned long long)-1 && PyErr_Occurred())
 		return -1;
-	f = PyLong_AsUnsignedLongLong(args[1]);
+	f = PyLong_AsUnsignedLongLong(first_arg);
 	if (f == (unsigned long long)-1 && PyErr_Occurred())
 		return -1;
-	*count = PyLong_AsSsize_t(args[2]);
-	if (*count == -1 && PyErr_Occurred())
-		return -1;
-	if (*count < 0 || f + (uint64_t)*count < f) {
+	if (count < 0 || f + (uint64_t)count < f) {
 		PyErr_SetString(PyExc_ValueError, "sector range out of bounds");
 		return -1;
 	}
 	*volume = v;
 	*first = f;
 	return 0;
+}
+
+/* (volume, first, count) as lookup and invalidate take them. */
+static int parse_range_args(PyObject *const *args, uint64_t *volume,
+			    uint64_t *first, Py_ssize_t *count)
+{
+	*count = PyLong_AsSsize_t(args[2]);
+	if (*count == -1 && PyErr_Occurred())
+		return -1;
+	return parse_range(args[0], args[1], *count, volume, first);
 }
 
 static int core_init(SectorCacheCore *self, PyObject *args, PyObject *kwds)
@@ -316,16 +325,16 @@ static PyObject *core_lookup(SectorCacheCore *self, PyObject *const *args,
 		if (take_in < 0)
 			return NULL;
 	}
-	if (!ready(self) || parse_range(args, &volume, &first, &count))
+	if (!ready(self) || parse_range_args(args, &volume, &first, &count))
 		return NULL;
 	if (!self->capacity)
 		return Py_BuildValue("(OO)", Py_None, Py_None);
+	if (!count)	/* nothing asked for, all of it found */
+		return Py_BuildValue("([]O)", Py_None);
 	/* Most reads miss at their first sector: answer those before making
 	 * the list.  Making it may run the garbage collector, and with it a
 	 * finalizer that lets another thread change the cache, so the sectors
 	 * are looked up again after. */
-	if (!count)	/* nothing asked for, all of it found */
-		return Py_BuildValue("([]O)", Py_None);
 	found = NULL;
 	if (count <= self->entries.count &&
 	    lru_find(&self->entries, volume, first)) {
@@ -367,8 +376,8 @@ static PyObject *core_fill(SectorCacheCore *self, PyObject *const *args,
 			   Py_ssize_t nargs)
 {
 	uint64_t volume, first;
-	Py_ssize_t count, sectors, skip, i, size = self->sector_size;
-	PyObject *range[3], *now;
+	Py_ssize_t sectors, skip, i, size = self->sector_size;
+	PyObject *now;
 	Py_buffer data;
 	int same;
 
@@ -380,10 +389,7 @@ static PyObject *core_fill(SectorCacheCore *self, PyObject *const *args,
 	if (!ready(self) || PyObject_GetBuffer(args[2], &data, PyBUF_SIMPLE))
 		return NULL;
 	sectors = data.len / size;
-	range[0] = args[0];
-	range[1] = args[1];
-	range[2] = PyLong_FromSsize_t(sectors);
-	if (!range[2] || parse_range(range, &volume, &first, &count))
+	if (parse_range(args[0], args[1], sectors, &volume, &first))
 		goto fail;
 	now = stripe_generations(self, volume, first, sectors);
 	if (!now)
@@ -393,7 +399,6 @@ static PyObject *core_fill(SectorCacheCore *self, PyObject *const *args,
 	if (same <= 0) {
 		if (same < 0)
 			goto fail;
-		Py_DECREF(range[2]);
 		PyBuffer_Release(&data);
 		Py_RETURN_FALSE;
 	}
@@ -413,12 +418,10 @@ static PyObject *core_fill(SectorCacheCore *self, PyObject *const *args,
 			goto fail;
 	}
 	lru_trim(&self->entries, self->capacity);
-	Py_DECREF(range[2]);
 	PyBuffer_Release(&data);
 	Py_RETURN_TRUE;
 fail:
 	lru_trim(&self->entries, self->capacity);	/* a partial fill */
-	Py_XDECREF(range[2]);
 	PyBuffer_Release(&data);
 	return NULL;
 }
@@ -434,7 +437,7 @@ static PyObject *core_invalidate(SectorCacheCore *self, PyObject *const *args,
 				"invalidate(volume, first, count)");
 		return NULL;
 	}
-	if (!ready(self) || parse_range(args, &volume, &first, &count))
+	if (!ready(self) || parse_range_args(args, &volume, &first, &count))
 		return NULL;
 	if (count >= CACHE_STRIPES) {
 		for (i = 0; i < CACHE_STRIPES; i++)
@@ -460,7 +463,6 @@ static PyObject *core_invalidate(SectorCacheCore *self, PyObject *const *args,
 
 			entry = lru_find(&self->entries, volume,
 					 first + (uint64_t)i);
-
 			if (entry)
 				lru_remove(&self->entries, entry);
 		}
