@@ -28,8 +28,8 @@ from storaged.luks2 import Luks2Error
 from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
 from storaged.session import Export, Session, SessionLimits
 from storaged.stats import ServerStats
-from storaged.tlsconf import server_context
 from storaged.tomlconf import ConfigError
+from storaged.transport import ServerTls
 from storaged.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,7 @@ class StorageServer:
 
     async def start(self) -> None:
         settings = self.config.tls
-        tls = server_context(
-            settings.cert, settings.key, settings.ca, kernel_tls=settings.kernel_tls
-        )
+        tls = ServerTls(settings.cert, settings.key, settings.ca, kernel_tls=settings.kernel_tls)
         limits = SessionLimits(
             max_inflight=self.config.max_inflight,
             max_inflight_bytes=self.config.max_inflight_bytes,

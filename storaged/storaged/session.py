@@ -19,14 +19,10 @@ GIL, so connections still run side by side.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import select
 import socket
-import ssl
-import struct
-import termios
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
@@ -49,24 +45,14 @@ from storaged.protocol.codec import (
 )
 from storaged.protocol.constants import Cmd, Errno, ExportFlag, LoginStatus
 from storaged.stats import RequestRecord, ServerStats
-from storaged.tlsconf import describe_tls_error, kernel_tls_directions, peer_common_name
+from storaged.tlsconf import describe_tls_error
+from storaged.transport import Channel, ServerTls
 from storaged.volume import Volume
 
 log = logging.getLogger(__name__)
 
-#: Bytes asked of the socket per receive.
-READ_CHUNK = 256 << 10
 #: Requests whose payload counts against ``max_inflight_bytes``.
 _PAYLOAD_OPS = frozenset((Cmd.READ, Cmd.WRITE))
-_INT = struct.Struct("i")
-
-
-def _bytes_queued(sock: ssl.SSLSocket) -> int:
-    """Bytes waiting: decrypted in OpenSSL, or still encrypted in the kernel."""
-    if pending := sock.pending():
-        return pending
-    queued = fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(_INT.size))
-    return int(_INT.unpack(queued)[0])
 
 
 @dataclass(frozen=True)
@@ -124,14 +110,17 @@ class Session:
         sock: socket.socket,
         peer: tuple[str, int],
         *,
-        tls: ssl.SSLContext,
+        tls: ServerTls,
         gatekeeper: Gatekeeper,
         exports: Mapping[str, Export],
         limits: SessionLimits,
         pool: Executor,
         stats: ServerStats,
     ) -> None:
-        self._sock: socket.socket = sock
+        # The TCP socket, for shutdown() from other threads whatever carries
+        # the bytes; _channel (after the handshake) carries them.
+        self._sock = sock
+        self._channel: Channel | None = None
         self._tls = tls
         self._gatekeeper = gatekeeper
         self._exports = exports
@@ -173,10 +162,8 @@ class Session:
         self._shutdown_socket(socket.SHUT_RDWR)
 
     def _shutdown_socket(self, how: int) -> None:
-        # socket.socket.shutdown, not SSLSocket.shutdown, which would drop
-        # the TLS state that the replies still to be sent need.
         with contextlib.suppress(OSError):
-            socket.socket.shutdown(self._sock, how)
+            self._sock.shutdown(how)
 
     # ------------------------------------------------------------------
     # The connection thread
@@ -190,9 +177,9 @@ class Session:
             self._stats.protocol_error()
             level = logging.INFO if self._stopping else logging.WARNING
             self._log(level, "protocol error, closing", "protocol_error", reason=exc.reason)
-            if exc.reply:
+            if exc.reply and self._channel is not None:
                 with contextlib.suppress(OSError):
-                    self._sock.sendall(exc.reply)
+                    self._channel.sendall(exc.reply)
         except OSError as exc:  # ssl.SSLError and ConnectionError are OSErrors
             self._log(logging.INFO, "connection lost", "connection_lost", reason=str(exc))
         except Exception:  # a bug must cost one connection, never the server
@@ -216,12 +203,8 @@ class Session:
         deadline = time.monotonic() + self._limits.login_timeout
         try:
             self._sock.settimeout(self._limits.login_timeout)
-            tls_sock = self._tls.wrap_socket(
-                self._sock, server_side=True, do_handshake_on_connect=False
-            )
-            self._sock = tls_sock
-            tls_sock.do_handshake()
-            hello = self._read_hello(deadline)
+            self._channel = channel = self._tls.handshake(self._sock)
+            hello = self._read_hello(channel, deadline)
         except (OSError, TimeoutError) as exc:
             if self._stopping:
                 self._log(logging.INFO, "closed during shutdown", "login_abandoned")
@@ -235,7 +218,7 @@ class Session:
             return False
         if hello is None:
             return False
-        identity = peer_common_name(tls_sock.getpeercert())
+        identity = channel.identity
         # On the pool: argon2id is slow and memory-hungry by design, and the
         # pool bounds how many run at once.
         decision = self._pool.submit(
@@ -257,15 +240,15 @@ class Session:
                 reason=decision.reason,
                 requested_export=hello.export,
             )
-            tls_sock.sendall(self._conn.refuse(decision.status))
+            channel.sendall(self._conn.refuse(decision.status))
             return False
         export = self._exports[hello.export]
         flags = export.flags
         if decision.access is Access.RO:
             flags |= ExportFlag.READ_ONLY
         self._export = export
-        tls_sock.settimeout(None)
-        tls_sock.sendall(
+        channel.settimeout(None)
+        channel.sendall(
             self._conn.accept(
                 ExportGeometry(
                     size=export.volume.size,
@@ -281,11 +264,11 @@ class Session:
             "client logged in",
             "login_ok",
             access=decision.access.value,
-            kernel_tls=kernel_tls_directions(tls_sock),
+            kernel_tls=channel.kernel_tls(),
         )
         return True
 
-    def _read_hello(self, deadline: float) -> Hello | None:
+    def _read_hello(self, channel: Channel, deadline: float) -> Hello | None:
         while True:
             event = self._conn.next_event()
             if isinstance(event, Hello):
@@ -296,8 +279,8 @@ class Session:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("handshake timed out")
-            self._sock.settimeout(remaining)
-            self._conn.receive_data(self._sock.recv(READ_CHUNK))
+            channel.settimeout(remaining)
+            self._conn.receive_data(channel.recv())
 
     def _serve(self) -> None:
         batch = _Batch()
@@ -357,7 +340,8 @@ class Session:
 
     def _send(self, replies: list[bytes]) -> None:
         if replies:
-            self._sock.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
+            assert self._channel is not None
+            self._channel.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
 
     def _receive(self) -> None:
         """Feed the codec everything the peer has sent, waiting for at least
@@ -367,36 +351,16 @@ class Session:
             # enough: Linux still hands out bytes that were already queued.
             self._conn.receive_data(b"")
             return
-        tls_sock = self._sock
-        assert isinstance(tls_sock, ssl.SSLSocket)
-        while self._on_pool and not tls_sock.pending():
-            readable, _, _ = select.select([tls_sock.fileno(), self._wakeup], [], [])
+        channel = self._channel
+        assert channel is not None
+        while self._on_pool and not channel.buffered():
+            readable, _, _ = select.select([channel.fileno(), self._wakeup], [], [])
             if self._wakeup in readable:
                 os.eventfd_read(self._wakeup)
                 self._answer(self._drain_pool(block=False))
-            if tls_sock.fileno() in readable:
+            if channel.fileno() in readable:
                 break
-        data = tls_sock.recv(READ_CHUNK)
-        self._conn.receive_data(data)
-        # One recv returns one TLS record; take the records already queued
-        # too, so that the requests they carry are answered as one batch.
-        # Asking the kernel first spares a lone request (queue depth 1) a
-        # failing non-blocking read and two mode switches.
-        received = len(data)
-        if not data or received >= READ_CHUNK or not _bytes_queued(tls_sock):
-            return
-        tls_sock.setblocking(False)
-        try:
-            while received < READ_CHUNK:
-                data = tls_sock.recv(READ_CHUNK - received)
-                self._conn.receive_data(data)
-                if not data:
-                    break
-                received += len(data)
-        except ssl.SSLWantReadError:
-            pass
-        finally:
-            tls_sock.setblocking(True)
+        self._conn.receive_data(channel.recv())
 
     def _to_pool(self, volume: Volume, request: Request) -> None:
         started = time.perf_counter()
@@ -437,11 +401,7 @@ class Session:
         return self._conn.send_reply(invalid.handle, invalid.error)
 
     def _close(self) -> None:
-        sock = self._sock
-        if isinstance(sock, ssl.SSLSocket):
-            # Send close_notify without waiting for the peer's.
-            with contextlib.suppress(OSError, ValueError):
-                sock.setblocking(False)
-                sock.unwrap().close()
-        sock.close()
+        if self._channel is not None:
+            self._channel.close()
+        self._sock.close()
         os.close(self._wakeup)

@@ -3,8 +3,7 @@
 TLS 1.3 only; the server demands a client certificate from the netblk CA and
 sends no session tickets, because a kTLS peer cannot take post-handshake
 messages (docs/protocol.md, "Transport").  The Linux kTLS socket options live
-here too: tls-bridge installs keys with them, storaged asks which directions
-the kernel took over.
+here too: tls-bridge and storaged install keys with them (``storaged.ktls``).
 """
 
 from __future__ import annotations
@@ -19,28 +18,23 @@ from typing import Any
 SOL_TLS = 282
 TLS_TX = 1
 TLS_RX = 2
+TLS_RX_EXPECT_NO_PAD = 4  # the peer never pads records (TLS 1.3; Linux >= 6.0)
+TLS_SET_RECORD_TYPE = 1  # cmsg type giving a sent record's content type
 TLS_GET_RECORD_TYPE = 2  # cmsg type carrying a received record's content type
 TCP_ULP = 31
 #: struct tls_crypto_info (version, cipher type: host-endian __u16s), the head
 #: of every TLS_TX/TLS_RX argument.
 CRYPTO_INFO_HEADER = struct.Struct("=HH")
-#: SSL_OP_ENABLE_KTLS (openssl/ssl.h, OpenSSL >= 3.0); Python's ssl names it
-#: only from 3.12.
-OP_ENABLE_KTLS: int = getattr(ssl, "OP_ENABLE_KTLS", 1 << 3)
 
 
-def server_context(cert: Path, key: Path, ca: Path, *, kernel_tls: bool) -> ssl.SSLContext:
-    """storaged's context.  With ``kernel_tls``, OpenSSL hands the record
-    layer to the kernel after the handshake where the kernel takes it
-    (OpenSSL 3.0 does so for sending only, under TLS 1.3), and keeps it in
-    userspace where it does not (no ``tls`` module, another cipher)."""
+def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """storaged's context (``transport.ServerTls`` puts the record layer in
+    the kernel after the handshake where it can)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.verify_mode = ssl.CERT_REQUIRED
     context.num_tickets = 0
-    if kernel_tls:
-        context.options |= OP_ENABLE_KTLS
     context.load_cert_chain(cert, key)
     context.load_verify_locations(cafile=ca)
     return context

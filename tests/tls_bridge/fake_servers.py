@@ -45,7 +45,7 @@ def tls_server(
     cert: tuple[Path, Path] | None = None,
 ) -> Callable[[socket.socket], None]:
     cert_path, key_path = cert or (pki.server_cert, pki.server_key)
-    context = server_context(cert_path, key_path, pki.ca_cert, kernel_tls=False)
+    context = server_context(cert_path, key_path, pki.ca_cert)
     context.num_tickets = tickets
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = max_version

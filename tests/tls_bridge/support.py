@@ -9,6 +9,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from storaged.ktls import KtlsKeys
 from storaged.protocol.codec import (
     ClientConnection,
     HelloReply,
@@ -21,7 +22,6 @@ from tests.storaged.stack import Stack
 from tests.tls_bridge.userspace_tls import userspace_install
 from tls_bridge.channel import RecordChannel
 from tls_bridge.config import ServerEntry
-from tls_bridge.ktls import KtlsKeys
 from tls_bridge.login import LoginResult, handshake_and_login
 
 LOOPBACK = "127.0.0.1"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from storaged.ktls import CIPHERS
 from storaged.tomlconf import ConfigError
 from tls_bridge.config import (
     DEFAULT_MAX_CONCURRENT,
@@ -18,7 +19,6 @@ from tls_bridge.config import (
     parse_config,
     read_token,
 )
-from tls_bridge.ktls import CIPHERS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "tls-bridge/examples/tls-bridge.toml"
 TOKEN = "t" * 32

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from netblk_certs.pki import load_issued, make_server_cert, write_issued
+from storaged.ktls import CIPHERS
 from storaged.protocol.codec import ExportGeometry, HelloReply, encode_hello, encode_hello_reply
 from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Errno, ExportFlag, LoginStatus
 from storaged.tlsconf import TCP_ULP
@@ -37,7 +38,6 @@ from tests.tls_bridge.support import (
 )
 from tls_bridge.channel import install_ktls
 from tls_bridge.errors import Deadline, Failure
-from tls_bridge.ktls import CIPHERS
 from tls_bridge.login import LoginResult, _install_failure, handshake_and_login, login
 from tls_bridge.tlsclient import tls_handshake
 

@@ -1,12 +1,11 @@
 """Kernel TLS for real (in the guest): tls-bridge's handshake and key
-install against storaged (Python ssl, which lets OpenSSL hand its sending
-side to the kernel too), for each cipher.
+install against storaged (which installs the kernel's keys for its own end
+too), for each cipher.
 
 After login the socket carries netblk requests as plain bytes and the kernel
-does the record layer: storaged's OpenSSL decrypting our requests proves
-kTLS TX, its replies arriving readable proves RX, and 1 MiB each way spans
-many records in both directions.  Failures that only kTLS can surface (an
-alert or a session ticket arriving as a control record) are checked too.
+does the record layer at both ends, and 1 MiB each way spans many records in
+both directions.  Failures that only kTLS can surface (an alert or a session
+ticket arriving as a control record, at either end) are checked too.
 """
 
 from __future__ import annotations
@@ -21,8 +20,16 @@ from pathlib import Path
 
 import pytest
 
+from storaged.ktls import ALERT, CIPHERS, ktls_keys
 from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, Errno, ExportFlag
-from storaged.tlsconf import TCP_ULP
+from storaged.tlsconf import (
+    SOL_TLS,
+    TCP_ULP,
+    TLS_RX_EXPECT_NO_PAD,
+    TLS_SET_RECORD_TYPE,
+    kernel_tls_directions,
+)
+from storaged.transport import install_kernel_tls
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer
 from tests.tls_bridge.conftest import RELAXED_THROTTLE
@@ -30,8 +37,8 @@ from tests.tls_bridge.fake_kernel import FakeKernel, bridge_until, config_for
 from tests.tls_bridge.fake_servers import fake_server, read_hello_then, tls_server
 from tests.tls_bridge.support import LOOPBACK, PlainIo, login_once, server_entry
 from tests.vm.module import insmod, loaded, rmmod
-from tls_bridge.channel import install_ktls
-from tls_bridge.ktls import CIPHERS
+from tls_bridge.channel import KtlsChannel, install_ktls
+from tls_bridge.errors import Failure
 from tls_bridge.login import handshake_and_login
 from tls_bridge.netlink import GenlUpcall
 
@@ -113,12 +120,11 @@ def test_ktls_carries_netblk_io(
         ulp = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, ULP_NAME_MAX)
         assert ulp.rstrip(b"\0") == b"tls"
         during = tls_stat()
-        # The bridge's end both ways, and storaged's sending end: OpenSSL 3.0
-        # hands TLS 1.3 sending to the kernel, not receiving.
+        # Both ends, both ways.
         assert during["TlsCurrTxSw"] == before["TlsCurrTxSw"] + 2
-        assert during["TlsCurrRxSw"] == before["TlsCurrRxSw"] + 1
+        assert during["TlsCurrRxSw"] == before["TlsCurrRxSw"] + 2
         logins = [r for r in caplog.records if getattr(r, "event", None) == "login_ok"]
-        assert [getattr(r, "kernel_tls", None) for r in logins] == ["tx"]
+        assert [getattr(r, "kernel_tls", None) for r in logins] == ["tx+rx"]
         sock.settimeout(60)
         big = exercise(PlainIo(PlainSocket(sock)), region, cipher)
     assert read_back(served, region, len(big)) == big
@@ -186,6 +192,57 @@ def test_session_ticket_arrives_as_a_control_record(served: ThreadedServer, pki:
         )
     assert result.status == errno.EPROTO, result.reason
     assert "post-handshake message" in result.reason
+
+
+def test_storaged_lets_the_kernel_open_records_in_place() -> None:
+    """storaged's install asks for zero-copy decryption (no padding expected)."""
+    keys = ktls_keys(CIPHERS["TLS_AES_256_GCM_SHA384"], bytes(48), bytes(range(48)))
+    with (
+        socket.create_server((LOOPBACK, 0)) as listener,
+        socket.create_connection(listener.getsockname()) as client,
+    ):
+        server, _ = listener.accept()
+        with server:
+            install_kernel_tls(server, keys, None)
+            assert server.getsockopt(SOL_TLS, TLS_RX_EXPECT_NO_PAD) == 1
+            assert kernel_tls_directions(server) == "tx+rx"
+            assert kernel_tls_directions(client) == "none"
+
+
+def send_alert(sock: socket.socket, level: int, description: int) -> None:
+    """An alert record through the kernel's TLS."""
+    sock.sendmsg([bytes((level, description))], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes((ALERT,)))])
+
+
+@pytest.mark.parametrize(
+    ("description", "event", "reason"),
+    [
+        (0, "closed", None),  # close_notify: the end of the stream
+        (40, "connection_lost", "client sent TLS alert handshake_failure"),
+    ],
+)
+def test_storaged_reads_a_clients_alert_as_a_control_record(
+    served: ThreadedServer,
+    caplog: pytest.LogCaptureFixture,
+    description: int,
+    event: str,
+    reason: str | None,
+) -> None:
+    """storaged's kernel end opens an alert as what it is, and answers by
+    closing with its own close_notify."""
+    caplog.set_level(logging.INFO, logger="storaged.session")
+    with socket.create_connection((LOOPBACK, served.stack.port), timeout=10) as sock:
+        result = handshake_and_login(sock, server_entry(served.stack), "data", TIMEOUT)
+        assert result.status == 0, result.reason
+        sock.settimeout(30)
+        io = PlainIo(PlainSocket(sock))
+        assert io.read(0, BLOCK_SIZE).error is Errno.OK
+        send_alert(sock, 1 if description == 0 else 2, description)
+        with pytest.raises(Failure) as ended:
+            KtlsChannel(sock).recv(BLOCK_SIZE)
+    assert "ended the TLS session" in ended.value.reason  # storaged's close_notify
+    ends = [r for r in caplog.records if getattr(r, "event", None) in {"closed", "connection_lost"}]
+    assert [(r.event, getattr(r, "reason", None)) for r in ends] == [(event, reason)]
 
 
 def test_the_upcall_binds_to_the_real_driver() -> None:

@@ -14,36 +14,10 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from storaged.tlsconf import SOL_TLS, TCP_ULP, TLS_GET_RECORD_TYPE, TLS_RX, TLS_TX
+from storaged.ktls import ALERT, ALERT_NAMES, APPLICATION_DATA, HANDSHAKE, KtlsKeys, install
+from storaged.tlsconf import SOL_TLS, TLS_GET_RECORD_TYPE
 from tls_bridge.errors import Failure
-from tls_bridge.ktls import KtlsKeys
 
-# TLS record content types (RFC 8446 5.1).
-ALERT = 21
-HANDSHAKE = 22
-APPLICATION_DATA = 23
-
-#: Alert descriptions (RFC 8446 6) a netblk server plausibly sends.
-ALERT_NAMES = {
-    0: "close_notify",
-    10: "unexpected_message",
-    20: "bad_record_mac",
-    40: "handshake_failure",
-    42: "bad_certificate",
-    43: "unsupported_certificate",
-    44: "certificate_revoked",
-    45: "certificate_expired",
-    46: "certificate_unknown",
-    47: "illegal_parameter",
-    48: "unknown_ca",
-    49: "access_denied",
-    50: "decode_error",
-    51: "decrypt_error",
-    70: "protocol_version",
-    80: "internal_error",
-    109: "missing_extension",
-    116: "certificate_required",
-}
 #: Alerts by which a TLS 1.3 server refuses our certificate; it can only do
 #: so after our side of the handshake is complete, so they show up here.
 CERTIFICATE_ALERTS = frozenset({42, 43, 44, 45, 46, 48, 49, 116})
@@ -102,8 +76,6 @@ class KtlsChannel:
 
 
 def install_ktls(sock: socket.socket, keys: KtlsKeys) -> KtlsChannel:
-    """Attach the "tls" ULP and install both directions' keys."""
-    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
-    sock.setsockopt(SOL_TLS, TLS_TX, keys.tx)
-    sock.setsockopt(SOL_TLS, TLS_RX, keys.rx)
+    """Hand the record layer to the kernel (``storaged.ktls.install``)."""
+    install(sock, keys)
     return KtlsChannel(sock)

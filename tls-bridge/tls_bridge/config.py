@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storaged.ktls import CIPHERS
 from storaged.protocol.constants import DEFAULT_PORT, MAX_TOKEN, MIN_TOKEN
 from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
-from tls_bridge.ktls import CIPHERS
 
 DEFAULT_CONFIG = Path("/etc/netblk/tls-bridge.toml")
 DEFAULT_MAX_CONCURRENT = 16

@@ -13,6 +13,7 @@ import fcntl
 import socket
 from dataclasses import dataclass
 
+from storaged.ktls import ALERT
 from storaged.protocol.codec import (
     ClientConnection,
     ExportGeometry,
@@ -27,7 +28,7 @@ from storaged.protocol.constants import (
     PROTO_VERSION,
     LoginStatus,
 )
-from tls_bridge.channel import ALERT, Installer, RecordChannel, install_ktls, unexpected_record
+from tls_bridge.channel import Installer, RecordChannel, install_ktls, unexpected_record
 from tls_bridge.config import ServerEntry, read_token
 from tls_bridge.errors import Deadline, Failure
 from tls_bridge.tlsclient import Handshake, alert_after_handshake, tls_handshake

@@ -21,10 +21,9 @@ from pathlib import Path
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
-from tls_bridge.channel import ALERT_NAMES
+from storaged.ktls import ALERT_NAMES, CIPHERS, KeyLog, KtlsKeys, ktls_keys
 from tls_bridge.config import ServerEntry, is_ip_literal
 from tls_bridge.errors import Deadline, Failure
-from tls_bridge.ktls import CIPHERS, KeyLog, KtlsKeys, ktls_keys
 
 ALERT_CODES = {name: code for code, name in ALERT_NAMES.items()}
 

@@ -1,13 +1,16 @@
-"""kTLS key material: the tail of the TLS 1.3 key schedule and ``crypto_info``.
+"""Kernel TLS for both ends of a netblk connection: the tail of the TLS 1.3
+key schedule, ``crypto_info``, and installing it on a socket.
 
-Pure functions, no sockets.  OpenSSL reports the application traffic
-secrets through its key log; RFC 8446 section 7.3 turns a secret into a
-record key and IV; the kernel takes them as ``struct tls12_crypto_info_*``
-from include/uapi/linux/tls.h (despite the name, also for TLS 1.3).
+tls-bridge installs keys for the driver's end, storaged for its own.
+OpenSSL reports the application traffic secrets through its key log; RFC
+8446 section 7.3 turns a secret into a record key and IV; the kernel takes
+them as ``struct tls12_crypto_info_*`` from include/uapi/linux/tls.h
+(despite the name, also for TLS 1.3).
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from storaged.tlsconf import CRYPTO_INFO_HEADER
+from storaged.tlsconf import CRYPTO_INFO_HEADER, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
 
 TLS_1_3_VERSION = 0x0304
 
@@ -29,6 +32,35 @@ REC_SEQ_START = bytes(REC_SEQ_LEN)
 # Key log labels of the first application traffic secrets (NSS key log format).
 CLIENT_TRAFFIC_SECRET = "CLIENT_TRAFFIC_SECRET_0"  # noqa: S105 - a label, not a secret
 SERVER_TRAFFIC_SECRET = "SERVER_TRAFFIC_SECRET_0"  # noqa: S105
+
+# TLS record content types (RFC 8446 5.1).
+ALERT = 21
+HANDSHAKE = 22
+APPLICATION_DATA = 23
+#: The alert that ends a TLS session cleanly (RFC 8446 6.1).
+CLOSE_NOTIFY = 0
+
+#: Alert descriptions (RFC 8446 6) a netblk peer plausibly sends.
+ALERT_NAMES = {
+    0: "close_notify",
+    10: "unexpected_message",
+    20: "bad_record_mac",
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    47: "illegal_parameter",
+    48: "unknown_ca",
+    49: "access_denied",
+    50: "decode_error",
+    51: "decrypt_error",
+    70: "protocol_version",
+    80: "internal_error",
+    109: "missing_extension",
+    116: "certificate_required",
+}
 
 
 @dataclass(frozen=True)
@@ -89,15 +121,28 @@ def crypto_info(cipher: KtlsCipher, secret: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class KtlsKeys:
-    """Both directions' ``crypto_info`` for a client (TX = client secret)."""
+    """Both directions' ``crypto_info``: a client sends with the client
+    secret, a server with the server secret."""
 
     cipher: KtlsCipher
     tx: bytes = field(repr=False)  # key material: never in a log or a traceback
     rx: bytes = field(repr=False)
 
 
-def ktls_keys(cipher: KtlsCipher, client_secret: bytes, server_secret: bytes) -> KtlsKeys:
-    return KtlsKeys(cipher, crypto_info(cipher, client_secret), crypto_info(cipher, server_secret))
+def ktls_keys(cipher: KtlsCipher, tx_secret: bytes, rx_secret: bytes) -> KtlsKeys:
+    return KtlsKeys(cipher, crypto_info(cipher, tx_secret), crypto_info(cipher, rx_secret))
+
+
+def install(sock: socket.socket, keys: KtlsKeys) -> None:
+    """Attach the "tls" ULP and install both directions' keys.
+
+    Receiving goes first: if the kernel refuses it (the cipher, say),
+    nothing is installed yet and the caller can still carry on in userspace.
+    Raises OSError.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    sock.setsockopt(SOL_TLS, TLS_RX, keys.rx)
+    sock.setsockopt(SOL_TLS, TLS_TX, keys.tx)
 
 
 class KeyLog:

@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from storaged.tlsconf import SOL_TLS, TCP_ULP, TLS_GET_RECORD_TYPE, TLS_RX, TLS_TX
-from tests.c_program import c_program_output
-from tests.tls_bridge.userspace_tls import Direction
-from tls_bridge.ktls import (
+from storaged.ktls import (
     CIPHERS,
     CLIENT_TRAFFIC_SECRET,
     SERVER_TRAFFIC_SECRET,
@@ -23,6 +20,17 @@ from tls_bridge.ktls import (
     ktls_keys,
     traffic_key_iv,
 )
+from storaged.tlsconf import (
+    SOL_TLS,
+    TCP_ULP,
+    TLS_GET_RECORD_TYPE,
+    TLS_RX,
+    TLS_RX_EXPECT_NO_PAD,
+    TLS_SET_RECORD_TYPE,
+    TLS_TX,
+)
+from tests.c_program import c_program_output
+from tests.tls_bridge.userspace_tls import Direction
 
 TLS_H = Path("/usr/include/linux/tls.h")
 
@@ -103,8 +111,8 @@ C_PROGRAM = """
     offsetof(struct type, iv), offsetof(struct type, key), offsetof(struct type, salt), \\
     offsetof(struct type, rec_seq))
 int main(void) {
-    printf("%d %d %d %d %d %d\\n", TLS_1_3_VERSION, SOL_TLS, TLS_TX, TLS_RX, TCP_ULP,
-           TLS_GET_RECORD_TYPE);
+    printf("%d %d %d %d %d %d %d %d\\n", TLS_1_3_VERSION, SOL_TLS, TLS_TX, TLS_RX,
+           TLS_RX_EXPECT_NO_PAD, TCP_ULP, TLS_SET_RECORD_TYPE, TLS_GET_RECORD_TYPE);
     SHOW(tls12_crypto_info_aes_gcm_128, TLS_CIPHER_AES_GCM_128);
     SHOW(tls12_crypto_info_aes_gcm_256, TLS_CIPHER_AES_GCM_256);
     SHOW(tls12_crypto_info_chacha20_poly1305, TLS_CIPHER_CHACHA20_POLY1305);
@@ -121,7 +129,9 @@ def test_crypto_info_matches_the_kernel_header(tmp_path: Path) -> None:
         SOL_TLS,
         TLS_TX,
         TLS_RX,
+        TLS_RX_EXPECT_NO_PAD,
         TCP_ULP,
+        TLS_SET_RECORD_TYPE,
         TLS_GET_RECORD_TYPE,
     ]
     by_type = {int(line.split()[0]): list(map(int, line.split()[1:])) for line in lines[1:4]}
