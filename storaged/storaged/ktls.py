@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from storaged.tlsconf import CRYPTO_INFO_HEADER, SOL_TLS, TCP_ULP, TLS_RX, TLS_TX
+from storaged.tlsconf import (
+    CRYPTO_INFO_HEADER,
+    SOL_TLS,
+    TCP_ULP,
+    TLS_GET_RECORD_TYPE,
+    TLS_RX,
+    TLS_TX,
+)
 
 TLS_1_3_VERSION = 0x0304
 
@@ -143,6 +150,20 @@ def install(sock: socket.socket, keys: KtlsKeys) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
     sock.setsockopt(SOL_TLS, TLS_RX, keys.rx)
     sock.setsockopt(SOL_TLS, TLS_TX, keys.tx)
+
+
+def receive(sock: socket.socket, size: int) -> tuple[int, bytes]:
+    """(content type, data) of what a kTLS socket returns: every data record
+    queued, up to ``size`` bytes, or one record of another type alone.
+
+    With room for the control message, kTLS reports a non-data record's type
+    instead of failing the read with a bare EIO.  Raises OSError.
+    """
+    data, ancillary, _flags, _address = sock.recvmsg(size, socket.CMSG_SPACE(1))
+    for level, kind, value in ancillary:
+        if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE:
+            return value[0], data
+    return APPLICATION_DATA, data
 
 
 class KeyLog:

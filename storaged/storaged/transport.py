@@ -39,10 +39,10 @@ from storaged.ktls import (
     KtlsKeys,
     install,
     ktls_keys,
+    receive,
 )
 from storaged.tlsconf import (
     SOL_TLS,
-    TLS_GET_RECORD_TYPE,
     TLS_RX_EXPECT_NO_PAD,
     TLS_SET_RECORD_TYPE,
     kernel_tls_directions,
@@ -55,8 +55,6 @@ READ_CHUNK = 256 << 10
 #: Idle key-logged contexts kept for the next handshakes; more are made
 #: while more handshakes run at once, and dropped when they end.
 MAX_IDLE_CONTEXTS = 4
-#: Room for the control message that carries a record's content type.
-_RECORD_TYPE_ROOM = socket.CMSG_SPACE(1)
 #: A warning-level close_notify alert (RFC 8446 6.1).
 _CLOSE_NOTIFY_ALERT = bytes((1, CLOSE_NOTIFY))
 _INT = struct.Struct("i")
@@ -175,13 +173,9 @@ class KernelTlsChannel(_SocketChannel):
         return False
 
     def recv(self) -> bytes:
-        # The kernel returns every data record queued in one call, and a
-        # record of another type alone, with its type as ancillary data
-        # (without room for that, the read would fail with a bare EIO).
-        data, ancillary, _flags, _address = self._sock.recvmsg(READ_CHUNK, _RECORD_TYPE_ROOM)
-        for level, kind, value in ancillary:
-            if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and value[0] != APPLICATION_DATA:
-                return _control_record(value[0], data)
+        content_type, data = receive(self._sock, READ_CHUNK)
+        if content_type != APPLICATION_DATA:
+            return _control_record(content_type, data)
         return data
 
     def close(self) -> None:
@@ -232,24 +226,22 @@ class _KeyLoggedContext:
             os.close(self._log)
             raise
 
-    def take_secrets(self) -> tuple[bytes, bytes] | None:
-        """(client, server) traffic secrets of the handshake that just ran,
-        cleared from the log."""
-        keylog = KeyLog()
-        for line in self._read_and_clear().splitlines():
-            keylog.feed(line)
-        return keylog.secrets()
-
-    def _read_and_clear(self) -> bytes:
+    def secrets(self) -> tuple[bytes, bytes] | None:
+        """(client, server) traffic secrets of the handshake that just ran."""
         chunks = []
         offset = 0
         while chunk := os.pread(self._log, 4096, offset):
             chunks.append(chunk)
             offset += len(chunk)
-        # The log is opened for appending, so the next handshake writes
-        # from the start again.
+        keylog = KeyLog()
+        for line in b"".join(chunks).splitlines():
+            keylog.feed(line)
+        return keylog.secrets()
+
+    def clear(self) -> None:
+        """Forget the log.  It is opened for appending, so the next
+        handshake writes from the start again."""
         os.ftruncate(self._log, 0)
-        return b"".join(chunks)
 
     def close(self) -> None:
         os.close(self._log)
@@ -294,7 +286,7 @@ class ServerTls:
             return OpenSslChannel(self._handshake(self._userspace_only, sock))
         with self._lent() as logged:
             tls_sock = self._handshake(logged.context, sock)
-            secrets = logged.take_secrets()
+            secrets = logged.secrets()
         cipher = CIPHERS.get((tls_sock.cipher() or ("",))[0])
         if secrets is None or cipher is None or tls_sock.pending():
             return OpenSslChannel(tls_sock)
@@ -330,7 +322,7 @@ class ServerTls:
         try:
             yield logged
         finally:
-            logged.take_secrets()  # a failed handshake's, if any
+            logged.clear()
             if self._idle.qsize() < MAX_IDLE_CONTEXTS:
                 self._idle.put(logged)
             else:

@@ -14,8 +14,15 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from storaged.ktls import ALERT, ALERT_NAMES, APPLICATION_DATA, HANDSHAKE, KtlsKeys, install
-from storaged.tlsconf import SOL_TLS, TLS_GET_RECORD_TYPE
+from storaged.ktls import (
+    ALERT,
+    ALERT_NAMES,
+    APPLICATION_DATA,
+    HANDSHAKE,
+    KtlsKeys,
+    install,
+    receive,
+)
 from tls_bridge.errors import Failure
 
 #: Alerts by which a TLS 1.3 server refuses our certificate; it can only do
@@ -66,12 +73,9 @@ class KtlsChannel:
         self._sock.sendall(data)
 
     def recv(self, size: int) -> bytes:
-        # With room for a control message, kTLS returns one non-data record
-        # and its type instead of failing the read with EIO.
-        data, ancillary, _flags, _addr = self._sock.recvmsg(size, socket.CMSG_SPACE(1))
-        for level, kind, value in ancillary:
-            if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE and value[0] != APPLICATION_DATA:
-                raise unexpected_record(value[0], data)
+        content_type, data = receive(self._sock, size)
+        if content_type != APPLICATION_DATA:
+            raise unexpected_record(content_type, data)
         return data
 
 
