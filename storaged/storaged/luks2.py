@@ -234,12 +234,22 @@ class SectorCipher:
             raise Luks2Error("AES-XTS key halves must differ")
         if not _valid_sector_size(sector_size):
             raise Luks2Error(f"unsupported sector size {sector_size}")
-        if iv_tweak < 0:
-            raise Luks2Error(f"negative iv_tweak {iv_tweak}")
+        if not 0 <= iv_tweak < _PLAIN64_LIMIT:
+            raise Luks2Error(f"iv_tweak {iv_tweak} is outside the plain64 IV range")
         self._key = _xts.Key(volume_key)
         self._sector_size = sector_size
         self._step = sector_size // IV_UNIT  # plain64 units per sector
         self._iv_tweak = iv_tweak
+
+    @property
+    def key(self) -> _xts.Key:
+        """The expanded key, for callers that run its pread and pwrite
+        themselves (storaged._requests)."""
+        return self._key
+
+    @property
+    def iv_tweak(self) -> int:
+        return self._iv_tweak
 
     def encrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
         """Encrypt whole sectors that start ``segment_offset`` bytes into the segment."""

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from storaged import luks2
+from storaged._requests import Runner
 from storaged.cache import SectorCache
+from storaged.protocol.constants import Cmd, Errno
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -90,6 +92,26 @@ class Volume:
             os.fdatasync(self._fd)
         os.close(self._fd)
         self._fd = -1
+
+    def runner(self, *, max_payload: int, writable: bool) -> Runner:
+        """A connection's runner of plain READs and WRITEs in C, which does
+        what ``read`` and ``write`` (without FUA) do."""
+        return Runner(
+            key=self._cipher.key,
+            cache=self._cache,
+            volume_id=self._id,
+            fd=self._fd,
+            data_offset=self.data_offset,
+            sector_size=self.sector_size,
+            iv_tweak=self._cipher.iv_tweak,
+            export_size=self.size,
+            max_payload=max_payload,
+            writable=writable and not self.read_only,
+            cache_max_read=CACHE_MAX_READ,
+            read_op=Cmd.READ,
+            write_op=Cmd.WRITE,
+            ok=Errno.OK,
+        )
 
     def _sectors(self, offset: int, length: int) -> tuple[int, int]:
         return offset // self.sector_size, length // self.sector_size

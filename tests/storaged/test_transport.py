@@ -22,6 +22,7 @@ import pytest
 
 from storaged import server as server_module
 from storaged import transport
+from storaged.cache import SectorCache
 from storaged.client import NetblkClient
 from storaged.config import load_config
 from storaged.ktls import (
@@ -39,7 +40,6 @@ from storaged.server import StorageServer
 from storaged.session import Session
 from storaged.tlsconf import client_context, kernel_tls_directions
 from storaged.transport import READ_CHUNK, Channel, ServerTls
-from storaged.volume import ReadResult, Volume
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run
 from tests.tls_bridge.userspace_tls import UserspaceKtls
@@ -120,11 +120,11 @@ def test_in_flight_work_per_connection_is_bounded(
     text = stack.config_path.read_text().replace("workers = 4", f"workers = 4\n{extra}", 1)
     stack.config_path.write_text(text)
     release = threading.Event()
-    real_read = Volume.read
+    real_lookup = SectorCache.lookup
 
-    def stalled_read(self: Volume, offset: int, size: int) -> ReadResult:
-        release.wait(timeout=30)
-        return real_read(self, offset, size)
+    def stalled_lookup(self: SectorCache, *args: Any, **kwargs: Any) -> Any:
+        release.wait(timeout=30)  # every READ asks the cache first, in C or not
+        return real_lookup(self, *args, **kwargs)
 
     batches: list[tuple[int, int]] = []  # (requests, payload bytes) per answer
     real_answer = Session._answer
@@ -134,7 +134,7 @@ def test_in_flight_work_per_connection_is_bounded(
             batches.append((len(batch.records), batch.payload))
         real_answer(self, batch)
 
-    monkeypatch.setattr(Volume, "read", stalled_read)
+    monkeypatch.setattr(SectorCache, "lookup", stalled_lookup)
     monkeypatch.setattr(Session, "_answer", recorded_answer)
 
     async def body() -> None:

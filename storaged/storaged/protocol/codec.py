@@ -12,7 +12,7 @@ import enum
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from storaged.protocol.constants import (
     BLOCK_SIZE,
@@ -176,6 +176,24 @@ class ExportGeometry:
     max_inflight: int = 64
 
 
+class InlineRunner(Protocol):
+    """Runs leading requests straight from the receive buffer
+    (``storaged._requests.Runner``): only frames ``next_event`` would turn
+    into a ``Request``, stopping, unconsumed, at the first it does not take."""
+
+    def run(
+        self,
+        buffer: bytearray,
+        start: int,
+        inflight: set[int],
+        room: int,
+        payload_room: int,
+        replies: list[bytes],
+        records: list[tuple[Cmd, int, Errno, bool | None, float]],
+        /,
+    ) -> tuple[int, int, int]: ...
+
+
 ServerEvent = Hello | Request | InvalidRequest | Disconnect | ConnectionClosed
 ClientEvent = HelloReply | Reply | ConnectionClosed
 
@@ -232,6 +250,12 @@ class _Buffer:
             self._data.clear()
             self._pos = 0
         self._data += data
+
+    def run(self, runner: InlineRunner, *args: Any) -> tuple[int, int]:
+        """Let ``runner`` consume frames at the front; (taken, payload)."""
+        consumed, taken, payload = runner.run(self._data, self._pos, *args)
+        self.skip(consumed)
+        return taken, payload
 
     def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
         """Decode the fixed header at the front, without consuming it."""
@@ -321,6 +345,23 @@ class ServerConnection:
         """Answer a request (header only; a READ's data is sent after it)."""
         self._inflight.discard(handle)
         return encode_reply(handle, error)
+
+    def run_requests(
+        self,
+        runner: InlineRunner,
+        room: int,
+        payload_room: int,
+        replies: list[bytes],
+        records: list[tuple[Cmd, int, Errno, bool | None, float]],
+    ) -> tuple[int, int]:
+        """Let ``runner`` run the requests at the front of the buffer, as
+        many as it takes while fewer than ``room`` and their payload adds
+        up to at most ``payload_room``; they are answered (in ``replies``)
+        as they run, so none stays in flight.  Returns (taken, payload);
+        ``next_event`` goes on from the first frame the runner left."""
+        if self._state is not _State.SERVING or len(self._buf) < REQUEST.size:
+            return 0, 0
+        return self._buf.run(runner, self._inflight, room, payload_room, replies, records)
 
     def next_event(self) -> ServerEvent | NeedData:
         """Parse the next event, or NEED_DATA.  Raises ProtocolError."""

@@ -1,0 +1,41 @@
+"""A connection's plain READs and WRITEs run in C (storaged/storaged/_requests.c)."""
+
+from typing import final
+
+from storaged._cache import SectorCacheCore
+from storaged._xts import Key
+from storaged.protocol.constants import Cmd, Errno
+
+@final
+class Runner:
+    """Runs the leading plain READ and WRITE frames of a receive buffer."""
+
+    def __init__(
+        self,
+        *,
+        key: Key,
+        cache: SectorCacheCore,
+        volume_id: int,
+        fd: int,
+        data_offset: int,
+        sector_size: int,
+        iv_tweak: int,
+        export_size: int,
+        max_payload: int,
+        writable: bool,
+        cache_max_read: int,
+        read_op: Cmd,
+        write_op: Cmd,
+        ok: Errno,
+    ) -> None: ...
+    def run(
+        self,
+        buffer: bytearray,
+        start: int,
+        inflight: set[int],
+        room: int,
+        payload_room: int,
+        replies: list[bytes],
+        records: list[tuple[Cmd, int, Errno, bool | None, float]],
+        /,
+    ) -> tuple[int, int, int]: ...
