@@ -17,10 +17,12 @@
  * flight, an incomplete frame, or file I/O that failed.  The Python codec
  * (storaged.protocol.codec) decides about that frame, so every refusal,
  * protocol error and I/O error report stays in one place; a request whose
- * pread or pwrite failed runs again there, which repeats the same failure
- * (a READ and a whole-range WRITE are idempotent).  What it takes is a
- * subset of what the codec accepts: tests/storaged/test_requests.py runs
- * both on the same frames.
+ * pread or pwrite failed runs once more there, which repeats the failure
+ * (a READ and a whole-range WRITE are idempotent; such a READ asks the
+ * cache twice, so its miss counts twice).  It takes exactly the frames the
+ * codec makes READs and WRITEs without flags of, whose sectors' tweaks
+ * plain64 can hold: tests/storaged/test_requests.py runs both on the same
+ * frames.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -126,10 +128,11 @@ static PyObject *req_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 	self = (Runner *)type->tp_alloc(type, 0);
 	if (!self)
 		return NULL;
-	self->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);	/* -1 is closed by no one */
+	/* from here on dealloc closes fd unless it is -1 */
+	self->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
 	if (self->fd < 0) {
 		PyErr_SetFromErrno(PyExc_OSError);
-		goto fail;	/* fd is -1: dealloc closes nothing */
+		goto fail;
 	}
 	self->fd_arg = PyLong_FromLong(self->fd);
 	if (!self->fd_arg)
@@ -174,7 +177,7 @@ static int req_decode(Runner *self, const unsigned char *p, Py_ssize_t avail,
 		      PyObject *inflight, struct req_frame *frame)
 {
 	struct netblk_request hdr;
-	unsigned long long first, sectors;
+	unsigned long long first, span, last;
 	PyObject *handle;
 	int found;
 
@@ -205,11 +208,13 @@ static int req_decode(Runner *self, const unsigned char *p, Py_ssize_t avail,
 	    frame->offset > self->export_size ||
 	    frame->length > self->export_size - frame->offset)
 		return 0;
-	/* the first sector's tweak, and the last's still inside plain64 */
-	sectors = frame->length / (unsigned long long)self->sector_size;
+	/* the first sector's tweak, and the last unit's still in plain64:
+	 * SectorCipher._first_tweak's first + sectors * step <= 2**64 */
 	if (__builtin_add_overflow(frame->offset / REQ_IV_UNIT, self->iv_tweak,
 				   &first) ||
-	    __builtin_add_overflow(first, sectors * self->iv_step, &sectors))
+	    __builtin_mul_overflow(frame->length / self->sector_size,
+				   self->iv_step, &span) ||
+	    __builtin_add_overflow(first, span - 1, &last))
 		return 0;
 	frame->first_tweak = first;
 	handle = PyLong_FromUnsignedLongLong(frame->handle);
@@ -234,27 +239,33 @@ static PyObject *req_io(PyObject *result, int *failed)
 /* The plaintext of a cache hit: the sectors' bytes joined. */
 static PyObject *req_join(PyObject *sectors, Py_ssize_t length)
 {
-	PyObject *data = PyBytes_FromStringAndSize(NULL, length);
+	PyObject *data;
 	char *out;
 	Py_ssize_t i, at = 0;
 
+	if (!PyList_Check(sectors))
+		goto wrong;
+	data = PyBytes_FromStringAndSize(NULL, length);
 	if (!data)
 		return NULL;
 	out = PyBytes_AS_STRING(data);
 	for (i = 0; i < PyList_GET_SIZE(sectors); i++) {
 		PyObject *sector = PyList_GET_ITEM(sectors, i);
-		Py_ssize_t size = PyBytes_GET_SIZE(sector);
 
-		if (!PyBytes_Check(sector) || size > length - at) {
-			Py_DECREF(data);
-			PyErr_SetString(PyExc_SystemError,
-					"cache returned sectors of the wrong size");
-			return NULL;
-		}
-		memcpy(out + at, PyBytes_AS_STRING(sector), size);
-		at += size;
+		if (!PyBytes_Check(sector) ||
+		    PyBytes_GET_SIZE(sector) > length - at)
+			break;
+		memcpy(out + at, PyBytes_AS_STRING(sector),
+		       PyBytes_GET_SIZE(sector));
+		at += PyBytes_GET_SIZE(sector);
 	}
-	return data;
+	if (at == length && i == PyList_GET_SIZE(sectors))
+		return data;
+	Py_DECREF(data);
+wrong:
+	PyErr_SetString(PyExc_SystemError,
+			"cache lookup returned the wrong sectors");
+	return NULL;
 }
 
 /*
@@ -326,13 +337,14 @@ static int req_write(Runner *self, const struct req_frame *frame,
 	Py_ssize_t sector = self->sector_size;
 	PyObject *view, *done;
 
-	/* No copy: nothing resizes the buffer while pwrite runs, and the view
-	 * does not outlive this function. */
+	/* No copy: run() holds the buffer exported, so it cannot be resized
+	 * while pwrite reads it, and the view does not outlive this call. */
 	view = PyMemoryView_FromMemory((char *)payload, frame->length,
 				       PyBUF_READ);
 	if (!view)
 		return -1;
-	done = req_io(PyObject_CallFunction(self->pwrite, "OKOnKK", self->fd_arg,
+	done = req_io(PyObject_CallFunction(self->pwrite, "OKOnKK",
+					    self->fd_arg,
 					    self->data_offset + frame->offset,
 					    view, sector, frame->first_tweak,
 					    self->iv_step),
@@ -406,37 +418,38 @@ PyDoc_STRVAR(req_run_doc,
 
 static PyObject *req_run(Runner *self, PyObject *args)
 {
-	PyObject *buffer, *inflight, *replies, *records;
+	PyObject *buffer, *inflight, *replies, *records, *result = NULL;
 	Py_ssize_t start, room, payload_room, consumed = 0, taken = 0;
 	long long payload = 0;
+	Py_buffer held;
 
 	if (!PyArg_ParseTuple(args, "O!nO!nnO!O!:run", &PyByteArray_Type,
 			      &buffer, &start, &PySet_Type, &inflight, &room,
 			      &payload_room, &PyList_Type, &replies,
 			      &PyList_Type, &records))
 		return NULL;
-	if (start < 0 || start > PyByteArray_GET_SIZE(buffer)) {
-		PyErr_SetString(PyExc_ValueError, "start outside the buffer");
+	/* Exported until the end: the bytes stay where they are (a resize
+	 * raises BufferError) while calls below release the GIL. */
+	if (PyObject_GetBuffer(buffer, &held, PyBUF_SIMPLE))
 		return NULL;
+	if (start < 0 || start > held.len) {
+		PyErr_SetString(PyExc_ValueError, "start outside the buffer");
+		goto release;
 	}
 	while (taken < room && payload <= payload_room) {
-		/* fetched again each time: nothing should resize the buffer
-		 * during a call, but a stale pointer must never be read */
-		const unsigned char *p = (const unsigned char *)
-			PyByteArray_AS_STRING(buffer) + start + consumed;
-		Py_ssize_t avail = PyByteArray_GET_SIZE(buffer) - start -
-				   consumed;
+		const unsigned char *p = (const unsigned char *)held.buf +
+					 start + consumed;
 		struct req_frame frame;
 		PyObject *data = NULL;
 		int hit = 0, failed = 0, ok;
 		double began;
 
-		ok = req_decode(self, p, avail, inflight, &frame);
-		if (ok <= 0) {
-			if (ok < 0)
-				return NULL;
+		ok = req_decode(self, p, held.len - start - consumed, inflight,
+				&frame);
+		if (ok < 0)
+			goto release;
+		if (!ok)
 			break;
-		}
 		began = req_clock();
 		if (frame.opcode == NETBLK_CMD_READ) {
 			data = req_read(self, &frame, &hit, &failed);
@@ -448,19 +461,22 @@ static PyObject *req_run(Runner *self, PyObject *args)
 		}
 		if (failed)
 			break;
-		if (ok || req_answer(self, &frame, data, hit,
-				     req_clock() - began, replies, records)) {
-			Py_XDECREF(data);
-			return NULL;
-		}
+		if (!ok)
+			ok = req_answer(self, &frame, data, hit,
+					req_clock() - began, replies, records);
 		Py_XDECREF(data);
+		if (ok)
+			goto release;
 		consumed += sizeof(struct netblk_request);
 		if (frame.opcode == NETBLK_CMD_WRITE)
 			consumed += frame.length;
 		payload += frame.length;
 		taken++;
 	}
-	return Py_BuildValue("(nnL)", consumed, taken, payload);
+	result = Py_BuildValue("(nnL)", consumed, taken, payload);
+release:
+	PyBuffer_Release(&held);
+	return result;
 }
 
 static PyMethodDef req_methods[] = {

@@ -297,7 +297,10 @@ class Session:
             if batch.full(self._limits):
                 self._answer(batch)
                 batch = _Batch()
-            if self._run_inline(batch):
+            # The runner stops when the batch is full or at a frame it
+            # leaves to the codec (asking it again would only repeat that).
+            self._run_inline(batch)
+            if batch.full(self._limits):
                 continue
             try:
                 event = self._conn.next_event()
@@ -324,9 +327,9 @@ class Session:
                 self._log(level, "connection closed without DISCONNECT", "closed")
                 return
 
-    def _run_inline(self, batch: _Batch) -> bool:
+    def _run_inline(self, batch: _Batch) -> None:
         """Run the plain READs and WRITEs at the front of the buffer in C
-        (storaged._requests), as far as the batch has room; whether any ran."""
+        (storaged._requests), as far as the batch has room."""
         assert self._runner is not None
         limits = self._limits
         taken, payload = self._conn.run_requests(
@@ -338,7 +341,6 @@ class Session:
         )
         batch.taken += taken
         batch.payload += payload
-        return taken > 0
 
     def _take(self, request: Request, batch: _Batch) -> None:
         """Run ``request`` now (a FLUSH: on the pool) and queue its reply."""

@@ -4,7 +4,9 @@ path does."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from storaged._requests import Runner
 from storaged.cache import SectorCache
+from storaged.client import RequestError
 from storaged.engine import execute
-from storaged.luks2 import VolumeInfo
+from storaged.luks2 import Luks2Error, VolumeInfo
 from storaged.protocol.codec import (
     ExportGeometry,
     Hello,
@@ -35,7 +39,7 @@ from storaged.protocol.constants import (
     ExportFlag,
 )
 from storaged.session import Session
-from storaged.volume import Volume
+from storaged.volume import CACHE_MAX_READ, Volume
 from tests.storaged.stack import Stack, run, serving
 
 BLOCKS = 64
@@ -69,18 +73,18 @@ def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
         seqid=0,
         keyslots=(),
     )
-    vol = Volume(path, os.urandom(64), info, SectorCache(16 * BLOCK_SIZE, sector_size))
+    vol = Volume(path, os.urandom(64), info, SectorCache(BLOCKS * BLOCK_SIZE, sector_size))
     yield vol
     vol.close()
 
 
-def logged_in(*, read_only: bool) -> ServerConnection:
+def logged_in(*, read_only: bool, max_payload: int = MAX_PAYLOAD) -> ServerConnection:
     """A codec serving the fixture's volume, with FLUSH ``IN_FLIGHT`` taken."""
     conn = ServerConnection()
     conn.receive_data(encode_hello("data", b"t" * 32))
     assert isinstance(conn.next_event(), Hello)
     flags = ALL_FLAGS | (ExportFlag.READ_ONLY if read_only else ExportFlag(0))
-    conn.accept(ExportGeometry(size=BLOCKS * BLOCK_SIZE, flags=flags, max_payload=MAX_PAYLOAD))
+    conn.accept(ExportGeometry(size=BLOCKS * BLOCK_SIZE, flags=flags, max_payload=max_payload))
     conn.receive_data(encode_request(Cmd.FLUSH, IN_FLIGHT))
     assert isinstance(conn.next_event(), Request)
     return conn
@@ -273,28 +277,69 @@ def test_reads_and_writes_in_c_keep_the_cache_coherent(volume: Volume) -> None:
     assert replies[1] == third and records[0][3] is False
 
 
-@pytest.mark.parametrize(("opcode", "mode"), [(Cmd.WRITE, os.O_RDONLY), (Cmd.READ, os.O_WRONLY)])
+@pytest.mark.parametrize(
+    ("good", "failing", "mode"),
+    [(Cmd.READ, Cmd.WRITE, os.O_RDONLY), (Cmd.WRITE, Cmd.READ, os.O_WRONLY)],
+)
 def test_failed_file_io_is_left_to_the_codec(
-    volume: Volume, tmp_path: Path, opcode: Cmd, mode: int
+    volume: Volume, good: Cmd, failing: Cmd, mode: int
 ) -> None:
     """pread or pwrite fails (EBADF: the volume's descriptor swapped for one
-    opened the other way): the request before it ran, the failing frame is
-    not consumed, and the codec and engine answer it with EIO."""
-    conn = logged_in(read_only=False)
+    opened the other way): the request before it ran in C, the failing
+    frame is not consumed, and the codec and engine answer it with EIO."""
     swapped = os.open(volume.path, mode)
     os.dup2(swapped, volume._fd)
     os.close(swapped)
-    runner = volume.runner(max_payload=MAX_PAYLOAD, writable=True)
-    conn.receive_data(frame(Cmd.TRIM, 1, 0, BLOCK_SIZE) + frame(opcode, 2, 0, BLOCK_SIZE))
-    assert conn.next_event() == Request(Cmd.TRIM, CmdFlag(0), 1, 0, BLOCK_SIZE)
-    conn.send_reply(1, Errno.OK)
-    replies: list[bytes] = []
-    records: list[Record] = []
-    assert conn.run_requests(runner, 64, 1 << 30, replies, records) == (0, 0)
-    assert (replies, records) == ([], [])
+    conn = logged_in(read_only=False)
+    stream = frame(good, 1, BLOCK_SIZE, BLOCK_SIZE) + frame(failing, 2, 0, BLOCK_SIZE)
+    taken, payload, replies, records = run_frames(volume, conn, stream)
+    assert (taken, payload) == (1, BLOCK_SIZE)
+    assert replies[0] == encode_reply(1, Errno.OK) and records[0][0] is good
     event = conn.next_event()
     assert isinstance(event, Request) and event.handle == 2
     assert execute(volume, event).error is Errno.IO
+
+
+def test_a_failed_read_is_run_once_in_c_and_once_by_the_codec(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the server: a WRITE and a READ pipelined, the READ's pread
+    fails: it asks the cache once in C and once on the codec's path (not
+    again in C), and the client gets EIO for it while the WRITE lands."""
+    asked: list[int] = []
+    real_lookup = SectorCache.lookup
+
+    def recorded_lookup(self: SectorCache, volume: int, first: int, *args: Any, **kw: Any) -> Any:
+        asked.append(first)
+        return real_lookup(self, volume, first, *args, **kw)
+
+    real_receive = Session._receive
+
+    def unhurried_receive(self: Session) -> None:
+        time.sleep(0.2)  # so the WRITE and the READ arrive in one receive
+        real_receive(self)
+
+    monkeypatch.setattr(SectorCache, "lookup", recorded_lookup)
+    monkeypatch.setattr(Session, "_receive", unhurried_receive)
+    data = os.urandom(BLOCK_SIZE)
+
+    async def body() -> None:
+        async with serving(stack) as server:
+            volume = server.exports["data"].volume
+            write_only = os.open(volume.path, os.O_WRONLY)
+            os.dup2(write_only, volume._fd)  # before login: the runner dups it
+            os.close(write_only)
+            async with await stack.connect() as client:
+                written, read = await asyncio.gather(
+                    client.write(BLOCK_SIZE, data),
+                    client.read(0, BLOCK_SIZE),
+                    return_exceptions=True,
+                )
+        assert written is None
+        assert isinstance(read, RequestError) and read.error is Errno.IO
+
+    run(body())
+    assert asked == [0, 0]
 
 
 def test_the_server_runs_plain_reads_and_writes_in_c(
@@ -361,3 +406,86 @@ def test_the_runner_keeps_its_own_descriptor(volume: Volume, tmp_path: Path) -> 
     os.close(reused)
     del runner
     assert len(os.listdir("/proc/self/fd")) == before - 1  # the volume's is closed too
+
+
+def test_reads_larger_than_the_cache_takes_are_not_taken_in(volume: Volume) -> None:
+    """A READ over ``CACHE_MAX_READ`` (a scan) never fills the cache, in C
+    as in Volume.read: read three times, it misses three times."""
+    length = CACHE_MAX_READ + BLOCK_SIZE
+    conn = logged_in(read_only=False, max_payload=length)
+    runner = volume.runner(max_payload=length, writable=True)
+    for handle in (1, 2, 3):
+        conn.receive_data(frame(Cmd.READ, handle, 0, length))
+        records: list[Record] = []
+        assert conn.run_requests(runner, 64, 1 << 30, [], records) == (1, length)
+        assert records[0][3] is False
+    assert volume.read(0, BLOCK_SIZE).cache_hit is False  # nothing of it held
+
+
+def test_the_runner_leaves_sectors_beyond_plain64_to_the_python_path(tmp_path: Path) -> None:
+    """With the volume's iv_tweak near 2**64, the last block whose tweaks
+    fit plain64 is taken (its last unit's tweak is 2**64 - 1) and the next
+    is not, where SectorCipher draws the same line."""
+    step = BLOCK_SIZE // 512
+    path = tmp_path / "volume"
+    path.write_bytes(bytes(DATA_OFFSET + BLOCKS * BLOCK_SIZE))
+    info = VolumeInfo(
+        "",
+        "",
+        "aes-xts-plain64",
+        512,
+        BLOCK_SIZE,
+        2**64 - 8 * step,
+        DATA_OFFSET,
+        BLOCKS * BLOCK_SIZE,
+        0,
+        (),
+    )
+    volume = Volume(path, os.urandom(64), info, SectorCache(0, BLOCK_SIZE))
+    conn = logged_in(read_only=False)
+    last_fitting = 7 * BLOCK_SIZE
+    taken, *_ = run_frames(volume, conn, frame(Cmd.READ, 1, last_fitting, BLOCK_SIZE))
+    assert taken == 1
+    assert volume.read(last_fitting, BLOCK_SIZE).data == bytes(BLOCK_SIZE)
+    beyond = frame(Cmd.READ, 2, last_fitting + BLOCK_SIZE, BLOCK_SIZE)
+    assert run_frames(volume, conn, beyond)[0] == 0
+    with pytest.raises(Luks2Error, match="plain64"):
+        volume.read(last_fitting + BLOCK_SIZE, BLOCK_SIZE)
+    volume.close()
+
+
+class ShortCache:
+    """A cache whose hit is one sector short (a bug the runner must catch)."""
+
+    def lookup(self, volume: int, first: int, count: int, *, admit: bool) -> Any:
+        return [bytes(BLOCK_SIZE)] * (count - 1), None
+
+    def fill(self, *args: Any) -> bool:
+        raise AssertionError("a hit fills nothing")
+
+    invalidate = fill
+
+
+def test_a_cache_hit_of_the_wrong_size_is_an_error_not_a_reply(volume: Volume) -> None:
+    runner = Runner(
+        key=volume._cipher.key,
+        cache=ShortCache(),  # type: ignore[arg-type]
+        volume_id=1,
+        fd=volume._fd,
+        data_offset=DATA_OFFSET,
+        sector_size=BLOCK_SIZE,
+        iv_tweak=0,
+        export_size=BLOCKS * BLOCK_SIZE,
+        max_payload=MAX_PAYLOAD,
+        writable=True,
+        cache_max_read=CACHE_MAX_READ,
+        read_op=Cmd.READ,
+        write_op=Cmd.WRITE,
+        ok=Errno.OK,
+    )
+    replies: list[bytes] = []
+    with pytest.raises(SystemError, match="wrong sectors"):
+        runner.run(
+            bytearray(frame(Cmd.READ, 1, 0, 2 * BLOCK_SIZE)), 0, set(), 64, 1 << 30, replies, []
+        )
+    assert replies == []
