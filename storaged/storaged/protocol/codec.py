@@ -12,7 +12,7 @@ import enum
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from storaged.protocol.constants import (
     BLOCK_SIZE,
@@ -35,6 +35,9 @@ from storaged.protocol.constants import (
     LoginStatus,
 )
 from storaged.protocol.names import validate_export_name
+
+if TYPE_CHECKING:
+    from storaged._requests import Runner
 
 NO_EXPORT_FLAGS = ExportFlag(0)
 
@@ -176,24 +179,6 @@ class ExportGeometry:
     max_inflight: int = 64
 
 
-class InlineRunner(Protocol):
-    """Runs leading requests straight from the receive buffer
-    (``storaged._requests.Runner``): only frames ``next_event`` would turn
-    into a ``Request``, stopping, unconsumed, at the first it does not take."""
-
-    def run(
-        self,
-        buffer: bytearray,
-        start: int,
-        inflight: set[int],
-        room: int,
-        payload_room: int,
-        replies: list[bytes],
-        records: list[tuple[Cmd, int, Errno, bool | None, float]],
-        /,
-    ) -> tuple[int, int, int]: ...
-
-
 ServerEvent = Hello | Request | InvalidRequest | Disconnect | ConnectionClosed
 ClientEvent = HelloReply | Reply | ConnectionClosed
 
@@ -251,7 +236,7 @@ class _Buffer:
             self._pos = 0
         self._data += data
 
-    def run(self, runner: InlineRunner, *args: Any) -> tuple[int, int]:
+    def run(self, runner: Runner, *args: Any) -> tuple[int, int]:
         """Let ``runner`` consume frames at the front; (taken, payload)."""
         consumed, taken, payload = runner.run(self._data, self._pos, *args)
         self.skip(consumed)
@@ -348,7 +333,7 @@ class ServerConnection:
 
     def run_requests(
         self,
-        runner: InlineRunner,
+        runner: Runner,
         room: int,
         payload_room: int,
         replies: list[bytes],
