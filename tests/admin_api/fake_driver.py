@@ -151,9 +151,9 @@ class FakeDriver:
         """Enter ``state`` and schedule the next; called with the lock held."""
         if attempt != self._attempt[name]:
             return  # disconnected or reconnected since
-        self.set(name, "state", state)
-        if state == "error":
+        if state == "error":  # the reason first, as netblk.ko sets it
             self.set(name, "last_error", LOGIN_REFUSED)
+        self.set(name, "state", state)
         outcome = self.outcome[name]
         if state == "connecting":
             following = "handshaking"
