@@ -1,4 +1,5 @@
-"""A connection's plain READs and WRITEs run in C (storaged/storaged/_requests.c)."""
+"""A connection's plain READs and WRITEs, and their statistics, in C
+(storaged/storaged/_requests.c)."""
 
 from typing import final
 
@@ -39,3 +40,10 @@ class Runner:
         records: list[tuple[Cmd, int, Errno, bool | None, float]],
         /,
     ) -> tuple[int, int, int]: ...
+
+def tally(
+    records: list[tuple[Cmd, int, Errno, bool | None, float]], buckets: list[int], /
+) -> tuple[dict[Cmd, int], int, int, int, int, int, int, int, int]:
+    """Sum a batch of statistics records in one pass; counts latencies into
+    ``buckets`` in place.  (requests by op, bytes_read, bytes_written, errors,
+    cache_hits, cache_misses, count, total_us, max_us)."""
