@@ -489,10 +489,11 @@ release:
 #define REQ_MAX_BUCKETS 64
 /* The opcodes linux/netblk.h defines. */
 #define REQ_OPCODES (NETBLK_CMD_DISCONNECT + 1)
+#define REQ_RECORD "a record is (op, length, error, cache_hit, seconds)"
 
 /* What a batch of statistics records adds up to (tally()). */
 struct req_tally {
-	PyObject *op[REQ_OPCODES];	/* as the records name them, borrowed */
+	PyObject *op[REQ_OPCODES];	/* as the records name them */
 	unsigned long long per_op[REQ_OPCODES];
 	unsigned long long bytes_read, bytes_written, errors;
 	unsigned long long cache_hits, cache_misses;
@@ -530,8 +531,7 @@ static int req_tally_one(struct req_tally *t, PyObject *record)
 	int failed, bucket;
 
 	if (!PyTuple_Check(record) || PyTuple_GET_SIZE(record) != 5) {
-		PyErr_SetString(PyExc_TypeError,
-				"a record is (op, length, error, cache_hit, seconds)");
+		PyErr_SetString(PyExc_TypeError, REQ_RECORD);
 		return -1;
 	}
 	op = PyTuple_GET_ITEM(record, 0);
@@ -551,7 +551,7 @@ static int req_tally_one(struct req_tally *t, PyObject *record)
 	micros = (unsigned long long)req_micros(PyTuple_GET_ITEM(record, 4));
 	if (micros == (unsigned long long)-1)
 		return -1;
-	t->op[opcode] = op;
+	Py_XSETREF(t->op[opcode], Py_NewRef(op));
 	t->per_op[opcode]++;
 	if (failed)
 		t->errors++;	/* a failed request moved no bytes */
@@ -597,14 +597,23 @@ static PyObject *req_tally_ops(const struct req_tally *t, PyObject *buckets)
 			goto fail;
 	}
 	for (i = 0; i < t->nbuckets; i++) {
-		PyObject *sum;
+		PyObject *held, *sum;
 
 		if (!t->buckets[i])
 			continue;
+		/* checked: hashing an op above may have run code; an exact
+		 * int adds without running any */
+		held = PyList_GetItem(buckets, i);
+		if (!held)
+			goto fail;
+		if (!PyLong_CheckExact(held)) {
+			PyErr_SetString(PyExc_TypeError,
+					"a bucket is not an int");
+			goto fail;
+		}
 		sum = PyLong_FromUnsignedLongLong(t->buckets[i]);
 		if (sum)
-			Py_SETREF(sum, PyNumber_Add(PyList_GET_ITEM(buckets, i),
-						    sum));
+			Py_SETREF(sum, PyNumber_Add(held, sum));
 		if (!sum || PyList_SetItem(buckets, i, sum))
 			goto fail;
 	}
@@ -628,7 +637,7 @@ PyDoc_STRVAR(req_tally_doc,
 static PyObject *req_tally(PyObject *Py_UNUSED(module), PyObject *args)
 {
 	struct req_tally t = { 0 };
-	PyObject *records, *buckets, *ops;
+	PyObject *records, *buckets, *ops = NULL;
 	Py_ssize_t i;
 
 	if (!PyArg_ParseTuple(args, "O!O!:tally", &PyList_Type, &records,
@@ -640,10 +649,19 @@ static PyObject *req_tally(PyObject *Py_UNUSED(module), PyObject *args)
 			     t.nbuckets, REQ_MAX_BUCKETS);
 		return NULL;
 	}
-	for (i = 0; i < PyList_GET_SIZE(records); i++)
-		if (req_tally_one(&t, PyList_GET_ITEM(records, i)))
-			return NULL;
+	for (i = 0; i < PyList_GET_SIZE(records); i++) {
+		/* held: a conversion below may run code that edits the list */
+		PyObject *record = Py_NewRef(PyList_GET_ITEM(records, i));
+		int err = req_tally_one(&t, record);
+
+		Py_DECREF(record);
+		if (err)
+			goto drop_ops;
+	}
 	ops = req_tally_ops(&t, buckets);
+drop_ops:
+	for (i = 0; i < REQ_OPCODES; i++)
+		Py_XDECREF(t.op[i]);
 	if (!ops)
 		return NULL;
 	return Py_BuildValue("(NKKKKKKKK)", ops, t.bytes_read,

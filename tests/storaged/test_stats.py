@@ -104,6 +104,7 @@ def test_every_opcode_can_be_counted() -> None:
         ((max(Cmd) + 1, 4096, Errno.OK, None, 0.0), [0], "no opcode"),
         ((Cmd.READ, -1, Errno.OK, None, 0.0), [0], "negative"),
         ((Cmd.READ, 4096, Errno.OK, None), [0], "a record is"),
+        ((Cmd.READ, 4096, Errno.OK, None, 0.0), [0.0], "not an int"),
         ((Cmd.READ, 4096, Errno.OK, None, 0.0), [], "buckets"),
         ((Cmd.READ, 4096, Errno.OK, None, 0.0), [0] * 65, "buckets"),
     ],
