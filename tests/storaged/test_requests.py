@@ -22,11 +22,9 @@ from storaged.engine import execute
 from storaged.luks2 import Luks2Error, VolumeInfo
 from storaged.protocol.codec import (
     ExportGeometry,
-    Hello,
     ProtocolError,
     Request,
     ServerConnection,
-    encode_hello,
     encode_reply,
     encode_request,
 )
@@ -40,17 +38,12 @@ from storaged.protocol.constants import (
 )
 from storaged.session import Session
 from storaged.volume import CACHE_MAX_READ, Volume
+from tests.storaged.protocol.accepted import ALL_FLAGS, accepted
 from tests.storaged.stack import Stack, run, serving
 
 BLOCKS = 64
 MAX_PAYLOAD = 16 * BLOCK_SIZE
 DATA_OFFSET = 2 * BLOCK_SIZE
-ALL_FLAGS = (
-    ExportFlag.SEND_FLUSH
-    | ExportFlag.SEND_FUA
-    | ExportFlag.SEND_TRIM
-    | ExportFlag.SEND_WRITE_ZEROES
-)
 #: Handle of a FLUSH each codec below leaves in flight.
 IN_FLIGHT = 99
 Record = tuple[Cmd, int, Errno, bool | None, float]
@@ -80,11 +73,8 @@ def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
 
 def logged_in(*, read_only: bool, max_payload: int = MAX_PAYLOAD) -> ServerConnection:
     """A codec serving the fixture's volume, with FLUSH ``IN_FLIGHT`` taken."""
-    conn = ServerConnection()
-    conn.receive_data(encode_hello("data", b"t" * 32))
-    assert isinstance(conn.next_event(), Hello)
     flags = ALL_FLAGS | (ExportFlag.READ_ONLY if read_only else ExportFlag(0))
-    conn.accept(ExportGeometry(size=BLOCKS * BLOCK_SIZE, flags=flags, max_payload=max_payload))
+    conn = accepted(ExportGeometry(size=BLOCKS * BLOCK_SIZE, flags=flags, max_payload=max_payload))
     conn.receive_data(encode_request(Cmd.FLUSH, IN_FLIGHT))
     assert isinstance(conn.next_event(), Request)
     return conn

@@ -36,23 +36,13 @@ from storaged.protocol.constants import (
     ExportFlag,
     LoginStatus,
 )
+from tests.storaged.protocol.accepted import ALL_FLAGS, TOKEN, accepted
 
-TOKEN = b"t" * 32
 SIZE = 1 << 20
-ALL_FLAGS = (
-    ExportFlag.SEND_FLUSH
-    | ExportFlag.SEND_FUA
-    | ExportFlag.SEND_TRIM
-    | ExportFlag.SEND_WRITE_ZEROES
-)
 
 
 def logged_in(flags: ExportFlag = ALL_FLAGS, size: int = SIZE) -> ServerConnection:
-    conn = ServerConnection()
-    conn.receive_data(encode_hello("data", TOKEN))
-    assert conn.next_event() == Hello(version=1, export="data", token=TOKEN)
-    conn.accept(ExportGeometry(size=size, flags=flags))
-    return conn
+    return accepted(ExportGeometry(size=size, flags=flags))
 
 
 def feed(conn: ServerConnection, data: bytes) -> list[object]:
