@@ -47,7 +47,7 @@ def logged_in(flags: ExportFlag = ALL_FLAGS, size: int = SIZE) -> ServerConnecti
 
 def feed(conn: ServerConnection, data: bytes) -> list[object]:
     conn.receive_data(data)
-    events = []
+    events: list[object] = []
     while (event := conn.next_event()) is not NEED_DATA:
         events.append(event)
         if isinstance(event, ConnectionClosed | Disconnect):
