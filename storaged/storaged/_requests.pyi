@@ -6,6 +6,7 @@ from typing import final
 from storaged._cache import SectorCacheCore
 from storaged._xts import Key
 from storaged.protocol.constants import Cmd, Errno
+from storaged.stats import RequestRecord
 
 @final
 class Runner:
@@ -37,12 +38,12 @@ class Runner:
         room: int,
         payload_room: int,
         replies: list[bytes],
-        records: list[tuple[Cmd, int, Errno, bool | None, float]],
+        records: list[RequestRecord],
         /,
     ) -> tuple[int, int, int]: ...
 
 def tally(
-    records: list[tuple[Cmd, int, Errno, bool | None, float]], buckets: list[int], /
+    records: list[RequestRecord], buckets: list[int], /
 ) -> tuple[dict[Cmd, int], int, int, int, int, int, int, int, int]:
     """Sum a batch of statistics records in one pass; counts latencies into
     ``buckets`` in place.  (requests by op, bytes_read, bytes_written, errors,

@@ -37,6 +37,7 @@ from storaged.protocol.constants import (
     ExportFlag,
 )
 from storaged.session import Session
+from storaged.stats import RequestRecord
 from storaged.volume import CACHE_MAX_READ, Volume
 from tests.storaged.protocol.accepted import ALL_FLAGS, accepted
 from tests.storaged.stack import Stack, run, serving
@@ -46,7 +47,6 @@ MAX_PAYLOAD = 16 * BLOCK_SIZE
 DATA_OFFSET = 2 * BLOCK_SIZE
 #: Handle of a FLUSH each codec below leaves in flight.
 IN_FLIGHT = 99
-Record = tuple[Cmd, int, Errno, bool | None, float]
 
 
 @pytest.fixture(params=[(BLOCK_SIZE, 0), (512, 2**63 + 5)], ids=["4k-sectors", "512-sectors"])
@@ -107,11 +107,11 @@ def run_frames(
     read_only: bool = False,
     room: int = 64,
     payload_room: int = 1 << 30,
-) -> tuple[int, int, list[bytes], list[Record]]:
+) -> tuple[int, int, list[bytes], list[RequestRecord]]:
     runner = volume.runner(max_payload=MAX_PAYLOAD, writable=not read_only)
     conn.receive_data(data)
     replies: list[bytes] = []
-    records: list[Record] = []
+    records: list[RequestRecord] = []
     taken, payload = conn.run_requests(runner, room, payload_room, replies, records)
     return taken, payload, replies, records
 
@@ -406,7 +406,7 @@ def test_reads_larger_than_the_cache_takes_are_not_taken_in(volume: Volume) -> N
     runner = volume.runner(max_payload=length, writable=True)
     for handle in (1, 2, 3):
         conn.receive_data(frame(Cmd.READ, handle, 0, length))
-        records: list[Record] = []
+        records: list[RequestRecord] = []
         assert conn.run_requests(runner, 64, 1 << 30, [], records) == (1, length)
         assert records[0][3] is False
     assert volume.read(0, BLOCK_SIZE).cache_hit is False  # nothing of it held

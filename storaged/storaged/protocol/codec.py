@@ -38,6 +38,7 @@ from storaged.protocol.names import validate_export_name
 
 if TYPE_CHECKING:
     from storaged._requests import Runner
+    from storaged.stats import RequestRecord
 
 NO_EXPORT_FLAGS = ExportFlag(0)
 
@@ -337,7 +338,7 @@ class ServerConnection:
         room: int,
         payload_room: int,
         replies: list[bytes],
-        records: list[tuple[Cmd, int, Errno, bool | None, float]],
+        records: list[RequestRecord],
     ) -> tuple[int, int]:
         """Let ``runner`` run the requests at the front of the buffer, as
         many as it takes while fewer than ``room`` and their payload adds
