@@ -11,10 +11,12 @@ ever mistaken for a hole.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,29 +131,40 @@ class Volume:
         return ReadResult(data, cache_hit=False)
 
     def write(self, offset: int, data: bytes, *, fua: bool) -> None:
-        self._cipher.pwrite(self._fd, self.data_offset + offset, offset, data)
-        self._cache.invalidate(self._id, *self._sectors(offset, len(data)))
+        with self._changing(offset, len(data)):
+            self._cipher.pwrite(self._fd, self.data_offset + offset, offset, data)
         if fua:
             self.flush()
 
     def trim(self, offset: int, length: int, *, fua: bool) -> None:
         """Deallocate: the range reads back as zeros and frees space."""
-        self._deallocate(offset, length)
-        self._cache.invalidate(self._id, *self._sectors(offset, length))
+        with self._changing(offset, length):
+            self._deallocate(offset, length)
         if fua:
             self.flush()
 
     def write_zeroes(self, offset: int, length: int, *, no_hole: bool, fua: bool) -> None:
         """Zero a range, keeping it allocated only when ``no_hole`` asks."""
-        if no_hole:
-            for start in range(offset, offset + length, ZERO_CHUNK):
-                chunk = min(ZERO_CHUNK, offset + length - start)
-                self._cipher.pwrite(self._fd, self.data_offset + start, start, bytes(chunk))
-        else:
-            self._deallocate(offset, length)
-        self._cache.invalidate(self._id, *self._sectors(offset, length))
+        with self._changing(offset, length):
+            if no_hole:
+                for start in range(offset, offset + length, ZERO_CHUNK):
+                    chunk = min(ZERO_CHUNK, offset + length - start)
+                    self._cipher.pwrite(self._fd, self.data_offset + start, start, bytes(chunk))
+            else:
+                self._deallocate(offset, length)
         if fua:
             self.flush()
+
+    @contextlib.contextmanager
+    def _changing(self, offset: int, length: int) -> Iterator[None]:
+        """Drop the range from the cache once the disk under it changed:
+        after the change (so a read that raced it cannot put older data
+        back), and even if it failed, since a write that failed part way
+        may have changed some of its sectors."""
+        try:
+            yield
+        finally:
+            self._cache.invalidate(self._id, *self._sectors(offset, length))
 
     def flush(self) -> None:
         """Make every completed write durable (the FLUSH and FUA contract)."""

@@ -5,6 +5,7 @@ path does."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from storaged._requests import Runner
 from storaged.cache import SectorCache
 from storaged.client import RequestError
 from storaged.engine import execute
-from storaged.luks2 import Luks2Error, VolumeInfo
+from storaged.luks2 import Luks2Error, SectorCipher, VolumeInfo
 from storaged.protocol.codec import (
     ExportGeometry,
     ProtocolError,
@@ -288,6 +289,50 @@ def test_failed_file_io_is_left_to_the_codec(
     event = conn.next_event()
     assert isinstance(event, Request) and event.handle == 2
     assert execute(volume, event).error is Errno.IO
+
+
+class FailsPartWay:
+    """A volume's cipher whose pwrite writes the first sector of its data,
+    then fails as a full file system would."""
+
+    def __init__(self, real: SectorCipher, sector_size: int) -> None:
+        self._real = real
+        self._sector_size = sector_size
+
+    def pwrite(self, fd: int, position: int, segment_offset: int, data: bytes) -> None:
+        self._real.pwrite(fd, position, segment_offset, data[: self._sector_size])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("change", ["write", "write_zeroes", "trim"])
+def test_a_change_that_fails_part_way_leaves_nothing_stale_cached(
+    volume: Volume, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached sectors a failed WRITE, WRITE_ZEROES or TRIM may have changed
+    are dropped: later reads agree with the disk, not the old plaintext."""
+    length, sector = 4 * BLOCK_SIZE, volume.sector_size
+    old, new = os.urandom(length), os.urandom(length)
+    volume.write(0, old, fua=False)
+    for hit in (False, False, True):  # remembered, filled, then a hit
+        assert volume.read(0, length) == (old, hit)
+    deallocate = volume._deallocate
+
+    def deallocate_part_way(offset: int, length: int) -> None:
+        deallocate(offset, sector)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(volume, "_cipher", FailsPartWay(volume._cipher, sector))
+    monkeypatch.setattr(volume, "_deallocate", deallocate_part_way)
+    with pytest.raises(OSError, match="No space"):
+        if change == "write":
+            volume.write(0, new, fua=False)
+        elif change == "write_zeroes":
+            volume.write_zeroes(0, length, no_hole=True, fua=False)
+        else:
+            volume.trim(0, length, fua=False)
+    monkeypatch.undo()
+    first = new[:sector] if change == "write" else bytes(sector)
+    assert volume.read(0, length) == (first + old[sector:], False)
 
 
 def test_a_failed_read_is_run_once_in_c_and_once_by_the_codec(
