@@ -20,10 +20,11 @@
  * protocol error and I/O error report stays in one place; a request whose
  * pread or pwrite failed runs once more there, which repeats the failure
  * (a READ and a whole-range WRITE are idempotent; such a READ asks the
- * cache twice, so its miss counts twice).  It takes exactly the frames the
- * codec makes READs and WRITEs without flags of, whose sectors' tweaks
- * plain64 can hold: tests/storaged/test_requests.py runs both on the same
- * frames.
+ * cache twice, so its miss counts twice; such a WRITE's sectors leave the
+ * cache there, as Volume.write drops them however it ends).  It takes
+ * exactly the frames the codec makes READs and WRITEs without flags of,
+ * whose sectors' tweaks plain64 can hold: tests/storaged/test_requests.py
+ * runs both on the same frames.
  *
  * tally() sums a batch's statistics records (the runner's and the Python
  * path's) for storaged.stats.IoCounters in one pass instead of a Python
