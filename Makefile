@@ -2,7 +2,7 @@
 # types, host tests, then the in-VM tests in one QEMU guest boot.
 VENV := .venv
 BIN := $(VENV)/bin
-PY_SRC := storaged/storaged certs/netblk_certs tls-bridge/tls_bridge admin-api/netblk_admin bench tests
+PY_SRC := lib/netblk storaged/storaged certs/netblk_certs tls-bridge/tls_bridge admin-api/netblk_admin bench tests
 
 .PHONY: test demo deps lint typecheck kmod-check pytest vm-test
 

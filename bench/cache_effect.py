@@ -16,14 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from netblk.protocol.constants import BLOCK_SIZE
+from netblk.tlsconf import client_context
+from netblk.tokens import generate_token, hash_token
 from netblk_certs.pki import make_ca, make_client_cert, make_server_cert, write_issued
-from netblk_certs.tokens import generate_token, hash_token
 from storaged import luks2
 from storaged.client import NetblkClient
 from storaged.config import load_config
-from storaged.protocol.constants import BLOCK_SIZE
 from storaged.server import StorageServer
-from storaged.tlsconf import client_context
 
 VOLUME_SIZE = 256 << 20
 WORKING_SET = 32 << 20

@@ -20,7 +20,7 @@ import hmac
 import secrets
 from collections.abc import Mapping
 
-from netblk_certs.tokens import verify_token
+from netblk.tokens import verify_token
 
 #: argon2id checks at once: bounds memory and CPU under a flood of bad tokens.
 MAX_CONCURRENT_CHECKS = 2

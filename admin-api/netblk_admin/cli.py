@@ -13,10 +13,9 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from netblk.daemon import Daemon, add_daemon_arguments
 from netblk_admin.app import create_app
-from netblk_admin.config import DEFAULT_CONFIG, load_config
-from storaged.logs import setup_logging
-from storaged.tomlconf import ConfigError, add_config_arguments
+from netblk_admin.config import ApiConfig, load_config
 
 log = logging.getLogger("netblk_admin")
 
@@ -36,21 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="netblk-admin-api",
         description="netblk admin API: REST control of netblk.ko over sysfs.",
     )
-    add_config_arguments(parser, DEFAULT_CONFIG)
+    add_daemon_arguments(parser, "admin-api")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"netblk-admin-api: {exc}", file=sys.stderr)
-        return 1
-    if args.check_config:
-        print(f"{args.config}: ok ({len(config.tokens)} tokens)")
-        return 0
-    setup_logging(args.log_format or config.log_format, config.log_level)
+    daemon = Daemon(
+        prog="netblk-admin-api",
+        load=lambda args: load_config(args.config),
+        summary=lambda config: f"{len(config.tokens)} tokens",
+        serve=serve,
+    )
+    return daemon.run(args)
+
+
+def serve(config: ApiConfig) -> int:
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(_drop_terminal_colours)
     if config.tls is None and not config.loopback_only:

@@ -17,11 +17,10 @@ from typing import Any
 from argon2 import extract_parameters
 from argon2.exceptions import InvalidHashError
 
-from netblk_certs.tokens import HASH_PREFIX
-from storaged.protocol.names import validate_name
-from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
+from netblk.protocol.names import validate_name
+from netblk.tokens import HASH_PREFIX
+from netblk.tomlconf import ConfigError, Table, log_settings, read_toml
 
-DEFAULT_CONFIG = Path("/etc/netblk/admin-api.toml")
 DEFAULT_LISTEN = "127.0.0.1"
 DEFAULT_PORT = 10920
 DEFAULT_SYSFS_ROOT = Path("/sys/block")

@@ -18,9 +18,9 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from netblk.protocol.constants import MAX_EXPORT_NAME
+from netblk.protocol.names import NAME_RE, validate_export_name
 from netblk_admin.sysfs import CONFIG_ATTRS, TARGET_ATTRS, Snapshot, State
-from storaged.protocol.constants import MAX_EXPORT_NAME
-from storaged.protocol.names import NAME_RE, validate_export_name
 
 # The driver's ranges; it refuses anything outside with -EINVAL.
 PORT_MIN, PORT_MAX = 1, 65535

@@ -13,7 +13,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from netblk_certs import pki, tokens
+from netblk import tokens
+from netblk_certs import pki
 
 PROG = "netblk-certs"
 EXIT_OK = 0

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from storaged.protocol.names import validate_client_name
+from netblk.protocol.names import validate_client_name
 
 CURVE = ec.SECP256R1()
 SIGNATURE_HASH = hashes.SHA256()

@@ -3,9 +3,9 @@
 
 from typing import final
 
+from netblk.protocol.constants import Cmd, Errno
 from storaged._cache import SectorCacheCore
 from storaged._xts import Key
-from storaged.protocol.constants import Cmd, Errno
 from storaged.stats import RequestRecord
 
 @final

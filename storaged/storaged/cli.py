@@ -5,27 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from netblk.daemon import Daemon, add_daemon_arguments, deprecated, fail
+from netblk.tomlconf import ConfigError
 from storaged import volume_cli
 from storaged.config import DEFAULT_CONTROL_SOCKET, Config, load_config
-from storaged.logs import setup_logging
 from storaged.server import StorageServer
-from storaged.tomlconf import LOG_FORMATS, ConfigError
 
-log = logging.getLogger("storaged")
+PROG = "storaged"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="storaged",
+        prog=PROG,
         description="netblk storage server: serves encrypted LUKS2 volumes over mutual TLS 1.3.",
     )
-    parser.add_argument("--config", type=Path, help="TOML config file (docs/operations.md)")
+    add_daemon_arguments(parser, PROG)
     parser.add_argument("--tls-cert", type=Path, help="server certificate (overrides [tls] cert)")
     parser.add_argument("--tls-key", type=Path, help="server private key (overrides [tls] key)")
     parser.add_argument("--tls-ca", type=Path, help="CA that signs clients (overrides [tls] ca)")
@@ -34,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, help="TCP port (overrides [server] port)")
     parser.add_argument("--control-socket", type=Path, help="stats socket path")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, help="log line format")
     parser.set_defaults(func=serve)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = commands.add_parser("check-config", help="validate the config and exit")
+    # The spelling before --check-config, which every daemon now takes.
+    check = commands.add_parser("check-config", help="deprecated: use --check-config")
     check.set_defaults(func=check_config)
     stats = commands.add_parser("stats", help="print a running server's counters as JSON")
     stats.add_argument("--control-socket", type=Path, default=None)
@@ -47,8 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    if args.config is None:
-        raise ConfigError("--config is required")
     overrides = {
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
@@ -61,16 +58,29 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
-    print(f"{args.config}: ok ({len(config.exports)} exports, {len(config.clients)} clients)")
-    return 0
+def _summary(config: Config) -> str:
+    return f"{len(config.exports)} exports, {len(config.clients)} clients"
+
+
+def _daemon() -> Daemon[Config]:
+    return Daemon(prog=PROG, load=_load, summary=_summary, serve=_run)
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = _load(args)
-    setup_logging(config.log_format, config.log_level)
-    return asyncio.run(_serve(StorageServer(config)))
+    return _daemon().run(args)
+
+
+def check_config(args: argparse.Namespace) -> int:
+    deprecated(PROG, "storaged check-config", "storaged --check-config")
+    args.check_config = True
+    return _daemon().run(args)
+
+
+def _run(config: Config) -> int:
+    try:
+        return asyncio.run(_serve(StorageServer(config)))
+    except OSError as exc:
+        return fail(PROG, exc)
 
 
 async def _serve(server: StorageServer) -> int:
@@ -100,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, OSError) as exc:
-        print(f"storaged: error: {exc}", file=sys.stderr)
-        return 1
+        return fail(PROG, exc)
     except KeyboardInterrupt:
         return 130
 

@@ -13,7 +13,7 @@ import itertools
 import ssl
 from dataclasses import dataclass
 
-from storaged.protocol.codec import (
+from netblk.protocol.codec import (
     NEED_DATA,
     ClientConnection,
     ConnectionClosed,
@@ -21,7 +21,7 @@ from storaged.protocol.codec import (
     ProtocolError,
     Reply,
 )
-from storaged.protocol.constants import Cmd, CmdFlag, Errno, ExportFlag, LoginStatus
+from netblk.protocol.constants import Cmd, CmdFlag, Errno, ExportFlag, LoginStatus
 
 READ_CHUNK = 256 << 10
 

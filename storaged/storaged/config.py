@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from storaged.protocol.constants import DEFAULT_PORT, MAX_PAYLOAD
-from storaged.protocol.names import validate_client_name, validate_export_name
-from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
+from netblk.protocol.constants import DEFAULT_PORT, MAX_PAYLOAD
+from netblk.protocol.names import validate_client_name, validate_export_name
+from netblk.tomlconf import ConfigError, Table, log_settings, read_toml
 
 SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

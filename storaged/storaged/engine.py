@@ -11,8 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
-from storaged.protocol.codec import Request
-from storaged.protocol.constants import Cmd, CmdFlag, Errno
+from netblk.protocol.codec import Request
+from netblk.protocol.constants import Cmd, CmdFlag, Errno
 from storaged.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from netblk_certs.tokens import hash_token, verify_token
+from netblk.protocol.constants import LoginStatus
+from netblk.tokens import hash_token, verify_token
 from storaged.config import Access, ClientConfig, ExportConfig, LoginPolicy
-from storaged.protocol.constants import LoginStatus
 
 #: Distinct peers/clients remembered by the throttle; oldest forgotten first.
 MAX_THROTTLE_KEYS = 10_000

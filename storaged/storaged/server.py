@@ -21,14 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from netblk.protocol.constants import BLOCK_SIZE, ExportFlag
+from netblk.tomlconf import ConfigError
 from storaged.cache import SectorCache
 from storaged.config import Config, ExportConfig
 from storaged.login import Gatekeeper
 from storaged.luks2 import Luks2Error
-from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
 from storaged.session import Export, Session, SessionLimits
 from storaged.stats import ServerStats
-from storaged.tomlconf import ConfigError
 from storaged.transport import ServerTls
 from storaged.volume import Volume
 

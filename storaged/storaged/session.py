@@ -32,11 +32,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from queue import SimpleQueue
 
-from storaged._requests import Runner
-from storaged.config import Access
-from storaged.engine import Outcome, execute
-from storaged.login import Gatekeeper
-from storaged.protocol.codec import (
+from netblk.protocol.codec import (
     NEED_DATA,
     ConnectionClosed,
     Disconnect,
@@ -47,9 +43,13 @@ from storaged.protocol.codec import (
     Request,
     ServerConnection,
 )
-from storaged.protocol.constants import Cmd, Errno, ExportFlag, LoginStatus
+from netblk.protocol.constants import Cmd, Errno, ExportFlag, LoginStatus
+from netblk.tlsconf import describe_tls_error
+from storaged._requests import Runner
+from storaged.config import Access
+from storaged.engine import Outcome, execute
+from storaged.login import Gatekeeper
 from storaged.stats import RequestRecord, ServerStats
-from storaged.tlsconf import describe_tls_error
 from storaged.transport import Channel, ServerTls
 from storaged.volume import Volume
 

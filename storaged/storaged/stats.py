@@ -10,8 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from netblk.protocol.constants import Cmd, Errno
 from storaged._requests import tally
-from storaged.protocol.constants import Cmd, Errno
 
 #: Latency buckets are powers of two of microseconds: 1 us .. ~68 s.
 LATENCY_BUCKETS = 27

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from storaged.ktls import (
+from netblk.ktls import (
     ALERT,
     ALERT_NAMES,
     APPLICATION_DATA,
@@ -41,7 +41,7 @@ from storaged.ktls import (
     ktls_keys,
     receive,
 )
-from storaged.tlsconf import (
+from netblk.tlsconf import (
     SOL_TLS,
     TLS_RX_EXPECT_NO_PAD,
     TLS_SET_RECORD_TYPE,

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from netblk.protocol.constants import Cmd, Errno
 from storaged import luks2
 from storaged._requests import Runner
 from storaged.cache import SectorCache
-from storaged.protocol.constants import Cmd, Errno
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

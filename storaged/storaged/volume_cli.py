@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from netblk.tomlconf import ConfigError
 from storaged import config, luks2
-from storaged.tomlconf import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from netblk.tokens import verify_token
 from netblk_admin import auth
 from netblk_admin.auth import MAX_CONCURRENT_CHECKS, TokenVerifier
-from netblk_certs.tokens import verify_token
 from tests.admin_api.conftest import OTHER_TOKEN, TOKEN, TOKENS
 
 

@@ -47,7 +47,7 @@ def test_a_bad_config_is_one_line_and_exit_1(tmp_path: Path) -> None:
         [ADMIN_API, "--config", str(config)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 1
-    assert result.stderr == "netblk-admin-api: api.port: must be 1..65535, got 0\n"
+    assert result.stderr == "netblk-admin-api: error: api.port: must be 1..65535, got 0\n"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from netblk.tomlconf import ConfigError
 from netblk_admin.config import (
     DEFAULT_LISTEN,
     DEFAULT_PORT,
@@ -17,7 +18,6 @@ from netblk_admin.config import (
     load_config,
     parse_config,
 )
-from storaged.tomlconf import ConfigError
 from tests.admin_api.conftest import TOKENS
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "admin-api/examples/admin-api.toml"

@@ -16,9 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from netblk.tokens import verify_token
 from netblk_certs.cli import main
 from netblk_certs.pki import make_ca, make_client_cert, write_issued
-from netblk_certs.tokens import verify_token
 from tests import pki_fixtures
 from tests.pki_fixtures import PkiFiles
 

@@ -27,6 +27,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from netblk.protocol.names import validate_client_name
 from netblk_certs.pki import (
     Issued,
     load_issued,
@@ -35,7 +36,6 @@ from netblk_certs.pki import (
     make_server_cert,
     write_issued,
 )
-from storaged.protocol.names import validate_client_name
 from tests import pki_fixtures
 from tests.pki_fixtures import PkiFiles
 

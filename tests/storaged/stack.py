@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from netblk_certs.tokens import generate_token, hash_token
+from netblk.tlsconf import client_context
+from netblk.tokens import generate_token, hash_token
 from storaged import luks2
 from storaged.client import NetblkClient
 from storaged.config import load_config
 from storaged.server import StorageServer
-from storaged.tlsconf import client_context
 from tests.pki_fixtures import PkiFiles
 
 T = TypeVar("T")

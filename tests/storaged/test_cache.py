@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from netblk.protocol.constants import BLOCK_SIZE
 from storaged.cache import STRIPES, SectorCache
-from storaged.protocol.constants import BLOCK_SIZE
 from tests.storaged.cache_model import ModelCache
 from tests.storaged.stack import Stack, run, serving
 

@@ -25,8 +25,19 @@ def process(stack: Stack) -> Iterator[ServerProcess]:
 
 
 def test_check_config(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(stack.config_path), "--check-config"]) == 0
+    assert capsys.readouterr().out == f"{stack.config_path}: ok (2 exports, 2 clients)\n"
+
+
+def test_the_old_check_config_spelling_still_works_and_says_it_is_deprecated(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--config", str(stack.config_path), "check-config"]) == 0
-    assert "ok (2 exports, 2 clients)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert out == f"{stack.config_path}: ok (2 exports, 2 clients)\n"
+    assert err == (
+        "storaged: warning: 'storaged check-config' is deprecated, use 'storaged --check-config'\n"
+    )
 
 
 def test_bad_config_is_a_one_line_error_not_a_traceback(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from netblk.tomlconf import ConfigError
 from storaged.config import Access, load_config, parse_size
-from storaged.tomlconf import ConfigError
 
 HASH = "$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
 BASE = f"""

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from netblk.protocol.constants import BLOCK_SIZE, ExportFlag
 from storaged.client import ConnectionLost, RequestError
-from storaged.protocol.constants import BLOCK_SIZE, ExportFlag
 from tests.storaged.stack import ServerProcess, Stack, run, serving
 
 

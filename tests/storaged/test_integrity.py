@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
+from netblk.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
+from netblk.protocol.constants import BLOCK_SIZE, Cmd, Errno, LoginStatus
 from storaged.client import NetblkClient
-from storaged.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
-from storaged.protocol.constants import BLOCK_SIZE, Cmd, Errno, LoginStatus
 from storaged.volume import Volume
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer, raw_tls_socket, run, serving
 

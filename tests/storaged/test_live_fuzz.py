@@ -35,7 +35,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from storaged.protocol.codec import (
+from netblk.protocol.codec import (
     ALLOWED_FLAGS,
     MUTATING,
     NEED_DATA,
@@ -51,7 +51,7 @@ from storaged.protocol.codec import (
     encode_hello,
     encode_hello_reply,
 )
-from storaged.protocol.constants import (
+from netblk.protocol.constants import (
     BLOCK_SIZE,
     HELLO,
     HELLO_MAGIC,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from netblk_certs.tokens import hash_token
+from netblk.protocol.constants import LoginStatus
+from netblk.tokens import hash_token
 from storaged.config import Access, ClientConfig, ExportConfig, LoginPolicy
 from storaged.login import FailureThrottle, Gatekeeper
-from storaged.protocol.constants import LoginStatus
 
 TOKEN = "a-very-secret-token-of-enough-length"
 

@@ -31,12 +31,8 @@ from typing import Any
 
 import pytest
 
-from netblk_certs.pki import load_issued, make_client_cert, write_issued
-from storaged.client import ConnectionLost, ExportInfo, LoginError, NetblkClient, RequestError
-from storaged.config import load_config
-from storaged.login import FailureThrottle
-from storaged.protocol.codec import ClientConnection, HelloReply, encode_hello, encode_request
-from storaged.protocol.constants import (
+from netblk.protocol.codec import ClientConnection, HelloReply, encode_hello, encode_request
+from netblk.protocol.constants import (
     BLOCK_SIZE,
     HELLO_REPLY,
     MAX_EXPORT_NAME,
@@ -50,6 +46,10 @@ from storaged.protocol.constants import (
     ExportFlag,
     LoginStatus,
 )
+from netblk_certs.pki import load_issued, make_client_cert, write_issued
+from storaged.client import ConnectionLost, ExportInfo, LoginError, NetblkClient, RequestError
+from storaged.config import load_config
+from storaged.login import FailureThrottle
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer
 

@@ -16,12 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storaged._requests import Runner
-from storaged.cache import SectorCache
-from storaged.client import RequestError
-from storaged.engine import execute
-from storaged.luks2 import Luks2Error, SectorCipher, VolumeInfo
-from storaged.protocol.codec import (
+from netblk.protocol.codec import (
     ExportGeometry,
     ProtocolError,
     Request,
@@ -29,7 +24,7 @@ from storaged.protocol.codec import (
     encode_reply,
     encode_request,
 )
-from storaged.protocol.constants import (
+from netblk.protocol.constants import (
     BLOCK_SIZE,
     REQUEST_MAGIC,
     Cmd,
@@ -37,10 +32,15 @@ from storaged.protocol.constants import (
     Errno,
     ExportFlag,
 )
+from storaged._requests import Runner
+from storaged.cache import SectorCache
+from storaged.client import RequestError
+from storaged.engine import execute
+from storaged.luks2 import Luks2Error, SectorCipher, VolumeInfo
 from storaged.session import Session
 from storaged.stats import RequestRecord
 from storaged.volume import CACHE_MAX_READ, Volume
-from tests.storaged.protocol.accepted import ALL_FLAGS, accepted
+from tests.netblk.protocol.accepted import ALL_FLAGS, accepted
 from tests.storaged.stack import Stack, run, serving
 
 BLOCKS = 64

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from netblk.protocol.constants import Cmd, Errno
 from storaged._requests import tally
-from storaged.protocol.constants import Cmd, Errno
 from storaged.stats import LATENCY_BUCKETS, IoCounters, RequestRecord, ServerStats
 
 

@@ -20,12 +20,7 @@ from typing import Any
 
 import pytest
 
-from storaged import server as server_module
-from storaged import transport
-from storaged.cache import SectorCache
-from storaged.client import NetblkClient
-from storaged.config import load_config
-from storaged.ktls import (
+from netblk.ktls import (
     ALERT,
     CIPHERS,
     CLIENT_TRAFFIC_SECRET,
@@ -34,11 +29,16 @@ from storaged.ktls import (
     KtlsKeys,
     crypto_info,
 )
-from storaged.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
-from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, LoginStatus
+from netblk.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
+from netblk.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, LoginStatus
+from netblk.tlsconf import client_context, kernel_tls_directions
+from storaged import server as server_module
+from storaged import transport
+from storaged.cache import SectorCache
+from storaged.client import NetblkClient
+from storaged.config import load_config
 from storaged.server import StorageServer
 from storaged.session import Session
-from storaged.tlsconf import client_context, kernel_tls_directions
 from storaged.transport import READ_CHUNK, Channel, ServerTls
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run

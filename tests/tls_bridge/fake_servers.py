@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from storaged.tlsconf import server_context
+from netblk.tlsconf import server_context
 from tests.pki_fixtures import PkiFiles
 from tests.tls_bridge.support import LOOPBACK
 

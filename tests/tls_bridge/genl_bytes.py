@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from storaged.protocol.constants import GENL_VERSION, GenlAttr, GenlCmd
+from netblk.protocol.constants import GENL_VERSION, GenlAttr, GenlCmd
 from tls_bridge.genl import NetblkGenlMsg
 
 FAMILY_ID = 0x1D

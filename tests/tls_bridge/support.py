@@ -9,15 +9,15 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from storaged.ktls import KtlsKeys
-from storaged.protocol.codec import (
+from netblk.ktls import KtlsKeys
+from netblk.protocol.codec import (
     ClientConnection,
     HelloReply,
     NeedData,
     Reply,
     encode_hello_reply,
 )
-from storaged.protocol.constants import Cmd, LoginStatus
+from netblk.protocol.constants import Cmd, LoginStatus
 from tests.storaged.stack import Stack
 from tests.tls_bridge.userspace_tls import userspace_install
 from tls_bridge.channel import RecordChannel

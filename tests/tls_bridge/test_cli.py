@@ -42,7 +42,7 @@ def test_bad_config_is_one_line_and_exit_1(tmp_path: Path) -> None:
     result = run("--config", str(bad))
     assert result.returncode == 1
     assert result.stderr == (
-        "tls-bridge: servers[0].address: expected an IP address, got 'storage.example'\n"
+        "tls-bridge: error: servers[0].address: expected an IP address, got 'storage.example'\n"
     )
     missing = run("--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 1
@@ -55,6 +55,6 @@ def test_without_the_driver_it_exits_with_a_clear_error(stack: Stack, tmp_path: 
     if result.returncode == 0:
         pytest.skip("netblk.ko is loaded here")
     assert result.returncode == 1
-    assert result.stderr.startswith("tls-bridge: ")
+    assert result.stderr.startswith("tls-bridge: error: ")
     assert "netblk" in result.stderr
     assert "Traceback" not in result.stderr

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from storaged.ktls import CIPHERS
-from storaged.tomlconf import ConfigError
+from netblk.ktls import CIPHERS
+from netblk.tomlconf import ConfigError
 from tls_bridge.config import (
     DEFAULT_MAX_CONCURRENT,
     BridgeConfig,

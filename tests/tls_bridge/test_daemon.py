@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from storaged.protocol.constants import ExportFlag
+from netblk.protocol.constants import ExportFlag
 from tests.storaged.stack import VOLUME_SIZE, Stack
 from tests.tls_bridge.fake_kernel import FakeKernel, bridge_until, config_for
 from tests.tls_bridge.support import server_entry

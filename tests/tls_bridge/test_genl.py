@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from storaged.protocol.codec import ExportGeometry
-from storaged.protocol.constants import (
+from netblk.protocol.codec import ExportGeometry
+from netblk.protocol.constants import (
     GENL_REASON_MAX,
     GENL_VERSION,
     ExportFlag,

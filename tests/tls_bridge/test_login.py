@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from netblk.ktls import CIPHERS
+from netblk.protocol.codec import ExportGeometry, HelloReply, encode_hello, encode_hello_reply
+from netblk.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Errno, ExportFlag, LoginStatus
+from netblk.tlsconf import TCP_ULP
 from netblk_certs.pki import load_issued, make_server_cert, write_issued
-from storaged.ktls import CIPHERS
-from storaged.protocol.codec import ExportGeometry, HelloReply, encode_hello, encode_hello_reply
-from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Errno, ExportFlag, LoginStatus
-from storaged.tlsconf import TCP_ULP
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer
 from tests.tls_bridge.fake_servers import fake_server, read_hello_then, tls_server

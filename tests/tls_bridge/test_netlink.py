@@ -13,7 +13,7 @@ import pytest
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 
-from storaged.protocol.constants import GenlCmd
+from netblk.protocol.constants import GenlCmd
 from tests.tls_bridge.genl_bytes import ACCEPT_REPLY, FAMILY_ID, kernel_message
 from tls_bridge import netlink
 from tls_bridge.genl import Done, EventsLost, NetblkGenlMsg, Ready

@@ -2,7 +2,7 @@
 
 It reads the ``crypto_info`` bytes the way the kernel does (the
 ``struct tls12_crypto_info_*`` layouts of include/uapi/linux/tls.h, written
-out here independently of storaged.ktls) and runs TLS 1.3 records with
+out here independently of netblk.ktls) and runs TLS 1.3 records with
 them.  storaged's OpenSSL must decrypt what this sends and vice versa, so a
 host test through it proves the keys tls-bridge would install are right.
 """
@@ -14,7 +14,7 @@ import struct
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from storaged.ktls import APPLICATION_DATA, KtlsKeys
+from netblk.ktls import APPLICATION_DATA, KtlsKeys
 from tls_bridge.channel import unexpected_record
 
 #: cipher_type -> (iv, key, salt) sizes, from the TLS_CIPHER_*_SIZE macros.

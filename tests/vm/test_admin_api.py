@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from netblk_certs.tokens import generate_token, hash_token
+from netblk.tokens import generate_token, hash_token
 from tests.storaged.stack import free_port
 from tests.vm.stage import CONNECT_WAIT, START_WAIT, Stage, kernel_stats, run, sysfs
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from netblk.protocol.constants import BLOCK_SIZE
 from storaged import luks2
-from storaged.protocol.constants import BLOCK_SIZE
 from tests.storaged.stack import PASSPHRASE, Stack, run, serving
 
 #: (block index, block count) extents: first block, a run crossing 1 MiB, far out.

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from storaged.protocol.constants import GENL_MCGRP_HANDSHAKE, GENL_NAME, GenlAttr, GenlCmd
+from netblk.protocol.constants import GENL_MCGRP_HANDSHAKE, GENL_NAME, GenlAttr, GenlCmd
 from tests.vm.module import KO, SYS_MODULE, insmod, loaded, rmmod
 
 STATES = {"disconnected", "connecting", "handshaking", "connected", "reconnecting", "error"}

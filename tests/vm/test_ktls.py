@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from storaged.ktls import ALERT, CIPHERS, ktls_keys
-from storaged.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, Errno, ExportFlag
-from storaged.tlsconf import (
+from netblk.ktls import ALERT, CIPHERS, ktls_keys
+from netblk.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, Errno, ExportFlag
+from netblk.tlsconf import (
     SOL_TLS,
     TCP_ULP,
     TLS_RX_EXPECT_NO_PAD,

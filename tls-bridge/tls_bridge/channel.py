@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from storaged.ktls import (
+from netblk.ktls import (
     ALERT,
     ALERT_NAMES,
     APPLICATION_DATA,
@@ -80,6 +80,6 @@ class KtlsChannel:
 
 
 def install_ktls(sock: socket.socket, keys: KtlsKeys) -> KtlsChannel:
-    """Hand the record layer to the kernel (``storaged.ktls.install``)."""
+    """Hand the record layer to the kernel (``netblk.ktls.install``)."""
     install(sock, keys)
     return KtlsChannel(sock)

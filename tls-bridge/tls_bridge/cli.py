@@ -6,12 +6,10 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 
-from storaged.logs import setup_logging
-from storaged.tomlconf import ConfigError, add_config_arguments
-from tls_bridge.config import DEFAULT_CONFIG, BridgeConfig, load_config
+from netblk.daemon import Daemon, add_daemon_arguments, fail
+from tls_bridge.config import BridgeConfig, load_config
 from tls_bridge.daemon import Bridge
 from tls_bridge.netlink import GenlUpcall, UpcallUnavailable
 
@@ -23,27 +21,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tls-bridge",
         description="netblk handshake helper: TLS 1.3 + login for netblk.ko, then kTLS.",
     )
-    add_config_arguments(parser, DEFAULT_CONFIG)
+    add_daemon_arguments(parser, "tls-bridge")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"tls-bridge: {exc}", file=sys.stderr)
-        return 1
-    if args.check_config:
-        print(f"{args.config}: ok ({len(config.servers)} servers)")
-        return 0
-    setup_logging(args.log_format or config.log_format, config.log_level)
+    daemon = Daemon(
+        prog="tls-bridge",
+        load=lambda args: load_config(args.config),
+        summary=lambda config: f"{len(config.servers)} servers",
+        serve=run,
+    )
+    return daemon.run(args)
+
+
+def run(config: BridgeConfig) -> int:
     # pyroute2 logs every netlink message at DEBUG; ours say what matters.
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     try:
         return asyncio.run(serve(config))
     except UpcallUnavailable as exc:
-        print(f"tls-bridge: {exc}", file=sys.stderr)
+        return fail("tls-bridge", exc)
     except OSError as exc:
         log.error("netlink failed: %s", exc, extra={"event": "fatal"})
     return 1

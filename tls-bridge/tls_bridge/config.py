@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storaged.ktls import CIPHERS
-from storaged.protocol.constants import DEFAULT_PORT, MAX_TOKEN, MIN_TOKEN
-from storaged.tomlconf import ConfigError, Table, log_settings, read_toml
+from netblk.ktls import CIPHERS
+from netblk.protocol.constants import DEFAULT_PORT, MAX_TOKEN, MIN_TOKEN
+from netblk.tomlconf import ConfigError, Table, log_settings, read_toml
 
-DEFAULT_CONFIG = Path("/etc/netblk/tls-bridge.toml")
 DEFAULT_MAX_CONCURRENT = 16
 #: More parallel handshakes than this is a typo, not a deployment.
 MAX_CONCURRENT_LIMIT = 1024

@@ -1,7 +1,7 @@
 """netblk's generic netlink handshake messages, without a socket.
 
 The upcall contract is kmod/include/uapi/linux/netblk.h (mirrored in
-storaged.protocol.constants): the driver multicasts READY on the
+netblk.protocol.constants): the driver multicasts READY on the
 "handshake" group; we send ACCEPT (no attributes: the driver hands out its
 oldest waiting socket) and its reply installs the socket as an fd in this
 process and describes it; after TLS and login we send DONE naming the cookie
@@ -16,8 +16,8 @@ from typing import Any
 
 from pyroute2.netlink import genlmsg  # type: ignore[import-untyped]
 
-from storaged.protocol.codec import ExportGeometry
-from storaged.protocol.constants import GENL_REASON_MAX, GENL_VERSION, GenlAttr, GenlCmd
+from netblk.protocol.codec import ExportGeometry
+from netblk.protocol.constants import GENL_REASON_MAX, GENL_VERSION, GenlAttr, GenlCmd
 
 #: pyroute2 NLA type of each attribute (the comments in the UAPI header).
 ATTR_TYPES: dict[GenlAttr, str] = {

@@ -13,15 +13,15 @@ import fcntl
 import socket
 from dataclasses import dataclass
 
-from storaged.ktls import ALERT
-from storaged.protocol.codec import (
+from netblk.ktls import ALERT
+from netblk.protocol.codec import (
     ClientConnection,
     ExportGeometry,
     HelloReply,
     NeedData,
     ProtocolError,
 )
-from storaged.protocol.constants import (
+from netblk.protocol.constants import (
     BLOCK_SIZE,
     HELLO_REPLY,
     MAX_PAYLOAD,

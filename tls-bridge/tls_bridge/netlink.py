@@ -19,7 +19,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST  # type: ignore[import-unt
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket  # type: ignore[import-untyped]
 
-from storaged.protocol.constants import GENL_MCGRP_HANDSHAKE, GENL_NAME, GenlCmd
+from netblk.protocol.constants import GENL_MCGRP_HANDSHAKE, GENL_NAME, GenlCmd
 from tls_bridge.genl import (
     Done,
     EventsLost,

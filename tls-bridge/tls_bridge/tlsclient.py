@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
-from storaged.ktls import ALERT_NAMES, CIPHERS, KeyLog, KtlsKeys, ktls_keys
+from netblk.ktls import ALERT_NAMES, CIPHERS, KeyLog, KtlsKeys, ktls_keys
 from tls_bridge.config import ServerEntry, is_ip_literal
 from tls_bridge.errors import Deadline, Failure
 

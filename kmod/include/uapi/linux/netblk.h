@@ -2,8 +2,8 @@
 /*
  * netblk wire protocol: the one definition of every constant and wire
  * struct shared by netblk.ko, tls-bridge and storaged.  The Python mirror
- * (storaged/storaged/protocol/constants.py) is checked against this file by
- * tests/storaged/test_uapi_drift.py.  docs/protocol.md explains the rules.
+ * (lib/netblk/protocol/constants.py) is checked against this file by
+ * tests/netblk/test_uapi_drift.py.  docs/protocol.md explains the rules.
  *
  * All multi-byte fields are big-endian.  Every struct is packed by layout
  * (no implicit padding) and its size is fixed by the protocol version.

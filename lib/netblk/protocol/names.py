@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from storaged.protocol.constants import MAX_EXPORT_NAME
+from netblk.protocol.constants import MAX_EXPORT_NAME
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from storaged.protocol.codec import ExportGeometry, Hello, ServerConnection, encode_hello
-from storaged.protocol.constants import ExportFlag
+from netblk.protocol.codec import ExportGeometry, Hello, ServerConnection, encode_hello
+from netblk.protocol.constants import ExportFlag
 
 TOKEN = b"t" * 32
 #: Every optional operation offered.

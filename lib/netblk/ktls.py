@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from storaged.tlsconf import (
+from netblk.tlsconf import (
     CRYPTO_INFO_HEADER,
     SOL_TLS,
     TCP_ULP,

@@ -11,7 +11,7 @@ import secrets
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from storaged.protocol.constants import MAX_TOKEN, MIN_TOKEN
+from netblk.protocol.constants import MAX_TOKEN, MIN_TOKEN
 
 TOKEN_BYTES = 32  # entropy of a generated token; 43 URL-safe characters
 MIN_TOKEN_LEN = MIN_TOKEN  # bytes of UTF-8: the wire protocol's limits

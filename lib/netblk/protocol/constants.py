@@ -1,7 +1,7 @@
 """Mirror of kmod/include/uapi/linux/netblk.h, the one definition of the wire.
 
 Every name here is the C name without its ``NETBLK_`` prefix (and, for the
-enums, without the group prefix).  tests/storaged/test_uapi_drift.py compiles
+enums, without the group prefix).  tests/netblk/test_uapi_drift.py compiles
 the header and fails if a value, a struct size or a field offset differs, or if
 the header defines something this module does not mirror.
 """

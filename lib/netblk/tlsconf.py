@@ -3,7 +3,7 @@
 TLS 1.3 only; the server demands a client certificate from the netblk CA and
 sends no session tickets, because a kTLS peer cannot take post-handshake
 messages (docs/protocol.md, "Transport").  The Linux kTLS socket options live
-here too: tls-bridge and storaged install keys with them (``storaged.ktls``).
+here too: tls-bridge and storaged install keys with them (``netblk.ktls``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""netblk_certs.tokens: generation, argon2id hashing, verification and length limits."""
+"""netblk.tokens: generation, argon2id hashing, verification and length limits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 from argon2 import PasswordHasher, Type
 
-from netblk_certs.tokens import (
+from netblk.tokens import (
     MAX_TOKEN_LEN,
     MEMORY_COST_KIB,
     MIN_TOKEN_LEN,

@@ -5,7 +5,6 @@ refused, and the ``[log]`` table means the same everywhere.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tomllib
 from collections.abc import Collection, Mapping
@@ -13,18 +12,6 @@ from pathlib import Path
 from typing import Any
 
 LOG_FORMATS = ("json", "text")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default: Path) -> None:
-    """The options a daemon with one config file takes: ``--config``,
-    ``--log-format`` (over ``[log] format``) and ``--check-config``."""
-    parser.add_argument(
-        "--config", type=Path, default=default, help=f"TOML config (default {default})"
-    )
-    parser.add_argument("--log-format", choices=LOG_FORMATS, help="overrides [log] format")
-    parser.add_argument(
-        "--check-config", action="store_true", help="validate the config and its files, then exit"
-    )
 
 
 class ConfigError(Exception):

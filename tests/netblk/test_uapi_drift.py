@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from storaged.protocol import constants
+from netblk.protocol import constants
 from tests.c_program import c_program_output
 
 HEADER = Path(__file__).resolve().parents[2] / "kmod/include/uapi/linux/netblk.h"

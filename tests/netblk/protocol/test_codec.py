@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storaged.protocol.codec import (
+from netblk.protocol.codec import (
     NEED_DATA,
     ClientConnection,
     ConnectionClosed,
@@ -25,7 +25,7 @@ from storaged.protocol.codec import (
     encode_reply,
     encode_request,
 )
-from storaged.protocol.constants import (
+from netblk.protocol.constants import (
     BLOCK_SIZE,
     HELLO_REPLY,
     MAX_PAYLOAD,
@@ -36,7 +36,7 @@ from storaged.protocol.constants import (
     ExportFlag,
     LoginStatus,
 )
-from tests.storaged.protocol.accepted import ALL_FLAGS, TOKEN, accepted
+from tests.netblk.protocol.accepted import ALL_FLAGS, TOKEN, accepted
 
 SIZE = 1 << 20
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from storaged.protocol.constants import (
+from netblk.protocol.constants import (
     BLOCK_SIZE,
     HELLO,
     HELLO_MAGIC,
@@ -34,7 +34,7 @@ from storaged.protocol.constants import (
     ExportFlag,
     LoginStatus,
 )
-from storaged.protocol.names import validate_export_name
+from netblk.protocol.names import validate_export_name
 
 if TYPE_CHECKING:
     from storaged._requests import Runner

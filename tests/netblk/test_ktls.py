@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes
 
-from storaged.ktls import (
+from netblk.ktls import (
     CIPHERS,
     CLIENT_TRAFFIC_SECRET,
     SERVER_TRAFFIC_SECRET,
@@ -20,7 +20,7 @@ from storaged.ktls import (
     ktls_keys,
     traffic_key_iv,
 )
-from storaged.tlsconf import (
+from netblk.tlsconf import (
     SOL_TLS,
     TCP_ULP,
     TLS_GET_RECORD_TYPE,
