@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY_SRC := lib/netblk storaged/storaged certs/netblk_certs tls-bridge/tls_bridge admin-api/netblk_admin bench tests
 
-.PHONY: test demo deps lint typecheck kmod-check pytest vm-test
+.PHONY: test demo deps lint typecheck kmod-check engine-check pytest vm-test
 
-test: deps lint typecheck kmod-check pytest vm-test
+test: deps lint typecheck kmod-check engine-check pytest vm-test
 
 # The whole stack in a QEMU guest, narrated (scripts/demo-guest).
 demo:
@@ -40,3 +40,12 @@ kmod-check: deps
 	@$(MAKE) -C kmod C=1 W=1 >build-kmod.log 2>&1 || { cat build-kmod.log; exit 1; }
 	@if grep -E "warning:|error:" build-kmod.log; then echo "kmod: not clean" >&2; exit 1; fi
 	@echo "kmod: warning-free with W=1, sparse clean ($$(grep -c CHECK build-kmod.log) files checked)"
+
+# storaged's engine must build warning-free with -Wall -Wextra (the flags the
+# package build uses, here as errors).
+ENGINE_CFLAGS := -Wall -Wextra -Werror -fPIC -O2 -fsyntax-only \
+	$(shell $(BIN)/python -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
+	-Ikmod/include/uapi
+engine-check: deps
+	@for source in storaged/engine/*.c; do $(CC) $(ENGINE_CFLAGS) $$source || exit 1; done
+	@echo "engine: warning-free with -Wall -Wextra ($$(ls storaged/engine/*.c | wc -l) files)"

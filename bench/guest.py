@@ -3,7 +3,12 @@ targets side by side, runs every profile on each, interleaved, and writes
 raw fio JSON, storaged's peak RSS per run, a py-spy profile of storaged
 under load and the guest's facts into the results directory.
 
-    python bench/guest.py RESULTS [--size 1G] [--runtime 20] [--ramp 3] [--repeat 3]
+With ``--ab BIN`` it measures netblk alone, twice: as this tree serves it
+("new") and with the storaged and tls-bridge in BIN ("old", another
+commit's, which bench/run --ab installs), on one volume, in rounds whose
+order alternates (new, old, then old, new, ...).
+
+    python bench/guest.py RESULTS [--size 1G] [--runtime 20] [--ramp 3] [--repeat 3] [--ab BIN]
 """
 
 from __future__ import annotations
@@ -118,6 +123,35 @@ def keep_logs(results: Path) -> None:
         (results / "logs" / f"{log.parent.name}-{log.name}").write_bytes(log.read_bytes())
 
 
+def ab(args: argparse.Namespace, results: Path) -> int:
+    """netblk as served by this tree and by another commit, interleaved."""
+    variants = {"new": targets.VENV_BIN, "old": args.ab}
+    pki = targets.Pki.create(TMPFS)
+    volume = targets.netblk_volume(TMPFS / "volume", args.size)
+    filled = False
+    for repeat in range(1, args.repeat + 1):
+        order = ["new", "old"] if repeat % 2 else ["old", "new"]
+        for variant in order:
+            name = f"netblk-{variant}"
+            with targets.netblk(
+                TMPFS,
+                pki,
+                args.size,
+                name=f"{name}.{repeat}",
+                bin_dir=variants[variant],
+                made=volume,
+            ) as device:
+                if not filled:
+                    print(f"bench: filling {device.path}", flush=True)
+                    targets.fill(device.path)
+                    filled = True
+                for profile in PROFILES:
+                    out = results / "fio" / name / f"{profile.name}.{repeat}.json"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    run_fio(device, profile, args, out)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path)
@@ -125,11 +159,18 @@ def main() -> int:
     parser.add_argument("--runtime", type=int, default=20, help="seconds measured per run")
     parser.add_argument("--ramp", type=int, default=3, help="seconds before measuring")
     parser.add_argument("--repeat", type=int, default=3, help="runs per profile and target")
+    parser.add_argument("--ab", type=Path, help="A/B: the old commit's venv bin directory")
     args = parser.parse_args()
     results: Path = args.results
     TMPFS.mkdir(parents=True, exist_ok=True)
     targets.run("mount", "-t", "tmpfs", "-o", "size=90%", "netblk-bench", TMPFS)
     targets.run("modprobe", "-a", "loop", "dm_crypt", "tls", "nbd")
+    if args.ab is not None:
+        try:
+            return ab(args, results)
+        finally:
+            keep_logs(results)
+            subprocess.run(["umount", "--lazy", str(TMPFS)], check=False)
     try:
         with contextlib.ExitStack() as stack:
             pki = targets.Pki.create(TMPFS)

@@ -2,6 +2,7 @@
 
     python bench/report.py host RESULTS          # record the host's facts
     python bench/report.py render RESULTS --doc docs/performance.md --chart docs/performance.png
+    python bench/report.py ab RESULTS --old REV  # an A/B run's table (bench/run --ab REV)
 
 ``render`` rewrites only the part of the document between the
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` markers (creating the
@@ -239,11 +240,50 @@ def render(results: Path, chart_path: Path, doc: Path) -> str:
     return "\n".join(out)
 
 
+def ab_table(results: Path, old: str) -> str:
+    """Markdown: each profile's runs of the new and old netblk, in the order
+    they ran, the medians' ratio and whether the two sets of runs overlap
+    (a difference inside the runs' spread is not a difference)."""
+    new = git_revision()
+    lines = [
+        f"| profile | new ({new}) | old ({old}) | new / old (medians) | beyond the spread |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for profile in PROFILES:
+        runs = {}
+        for variant in ("new", "old"):
+            files = sorted((results / "fio" / f"netblk-{variant}").glob(f"{profile.name}.*.json"))
+            runs[variant] = [
+                headline(profile, Measurement.from_fio(json.loads(f.read_text()))) for f in files
+            ]
+        if not runs["new"] or not runs["old"]:
+            continue
+        unit = "MB/s" if profile.sequential else "IOPS"
+        low, high = min(runs["new"]), max(runs["new"])
+        if high < min(runs["old"]):
+            verdict = "slower"
+        elif low > max(runs["old"]):
+            verdict = "faster"
+        else:
+            verdict = "no"
+        median_new = sorted(runs["new"])[len(runs["new"]) // 2]
+        median_old = sorted(runs["old"])[len(runs["old"]) // 2]
+        lines.append(
+            f"| {profile.title} | {' / '.join(f'{v:,.0f}' for v in runs['new'])} {unit} "
+            f"| {' / '.join(f'{v:,.0f}' for v in runs['old'])} "
+            f"| {median_new / median_old:.2f} | {verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     host = sub.add_parser("host")
     host.add_argument("results", type=Path)
+    ab = sub.add_parser("ab")
+    ab.add_argument("results", type=Path)
+    ab.add_argument("--old", required=True, help="the old commit, as the table names it")
     rend = sub.add_parser("render")
     rend.add_argument("results", type=Path)
     rend.add_argument("--doc", type=Path, required=True)
@@ -251,6 +291,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "host":
         host_facts(args.results)
+        return 0
+    if args.command == "ab":
+        table = ab_table(args.results, args.old)
+        (args.results / "ab.md").write_text(table)
+        print(table, end="")
         return 0
     section = render(args.results, args.chart, args.doc)
     text = args.doc.read_text() if args.doc.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"

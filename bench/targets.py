@@ -145,16 +145,14 @@ class Pki:
         return self.dir / f"{stem}.crt", self.dir / f"{stem}.key"
 
 
-@contextlib.contextmanager
-def netblk(root: Path, pki: Pki, size: str) -> Iterator[Device]:
-    work = root / "netblk"
-    work.mkdir()
-    passphrase = work / "volume.pass"
+def netblk_volume(root: Path, size: str) -> tuple[Path, Path]:
+    """A storaged LUKS2 volume and its passphrase file, in ``root``."""
+    root.mkdir(exist_ok=True)
+    passphrase = root / "volume.pass"
     passphrase.write_text(PASSPHRASE)
-    volume = work / "data.luks"
-    storaged = str(VENV_BIN / "storaged")
+    volume = root / "data.luks"
     run(
-        storaged,
+        VENV_BIN / "storaged",
         "volume",
         "create",
         volume,
@@ -164,6 +162,25 @@ def netblk(root: Path, pki: Pki, size: str) -> Iterator[Device]:
         passphrase,
         *PBKDF_ARGS,
     )
+    return volume, passphrase
+
+
+@contextlib.contextmanager
+def netblk(
+    root: Path,
+    pki: Pki,
+    size: str,
+    *,
+    name: str = "netblk",
+    bin_dir: Path = VENV_BIN,
+    made: tuple[Path, Path] | None = None,
+) -> Iterator[Device]:
+    """netblk0 served by the storaged and tls-bridge in ``bin_dir`` (an A/B
+    runs another commit's), from the volume ``made`` (made here if not given)."""
+    work = root / name
+    work.mkdir()
+    volume, passphrase = made or netblk_volume(work, size)
+    storaged = str(bin_dir / "storaged")
     server_cert, server_key = pki.pair("server")
     (work / "storaged.toml").write_text(
         f"""[server]
@@ -216,24 +233,24 @@ token_file = "{pki.token_file}"
         bridge_log = work / "tls-bridge.log"
         stack.enter_context(
             daemon(
-                [str(VENV_BIN / "tls-bridge"), "--config", str(work / "tls-bridge.toml")],
+                [str(bin_dir / "tls-bridge"), "--config", str(work / "tls-bridge.toml")],
                 bridge_log,
                 logged(bridge_log, "started"),
                 "tls-bridge",
             )
         )
-        for name, value in (
+        for attribute, value in (
             ("server_ip", "127.0.0.1"),
             ("server_port", str(NETBLK_PORT)),
             ("export", "data"),
             ("connect", "1"),
         ):
-            (sysfs / name).write_text(value)
+            (sysfs / attribute).write_text(value)
         stack.callback((sysfs / "disconnect").write_text, "1")
         wait_until("netblk0 to connect", lambda: _state(sysfs) in ("connected", "error"))
         if _state(sysfs) != "connected":
             raise RuntimeError(f"netblk0: {(sysfs / 'last_error').read_text().strip()}")
-        yield Device("netblk", "netblk (kTLS, LUKS2)", "/dev/netblk0", server_pid)
+        yield Device(name, "netblk (kTLS, LUKS2)", "/dev/netblk0", server_pid)
 
 
 def _state(sysfs: Path) -> str:

@@ -165,11 +165,13 @@ class NetblkClient:
     async def flush(self) -> None:
         await self.request(Cmd.FLUSH)
 
-    async def trim(self, offset: int, length: int) -> None:
-        await self.request(Cmd.TRIM, offset, length)
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.request(Cmd.TRIM, offset, length, flags=CmdFlag.FUA if fua else 0)
 
-    async def write_zeroes(self, offset: int, length: int, *, no_hole: bool = False) -> None:
-        flags = CmdFlag.NO_HOLE if no_hole else 0
+    async def write_zeroes(
+        self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
+    ) -> None:
+        flags = (CmdFlag.NO_HOLE if no_hole else 0) | (CmdFlag.FUA if fua else 0)
         await self.request(Cmd.WRITE_ZEROES, offset, length, flags=flags)
 
     async def close(self) -> None:

@@ -25,7 +25,6 @@ DEFAULT_LISTEN = ("0.0.0.0", "::")  # noqa: S104 - a storage server; mTLS guards
 DEFAULT_MAX_INFLIGHT = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 32 << 20
 DEFAULT_WORKERS = 8
-DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_LOGIN_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_LOGIN_FAILURES = 5
@@ -91,12 +90,14 @@ class Config:
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     max_payload: int = MAX_PAYLOAD
     workers: int = DEFAULT_WORKERS
-    cache_bytes: int = DEFAULT_CACHE_BYTES
     login: LoginPolicy = LoginPolicy()
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     control_socket: Path | None = DEFAULT_CONTROL_SOCKET
     log_format: str = "json"
     log_level: str = "INFO"
+    #: What the operator should hear about the file at start (settings that
+    #: still parse but no longer act).
+    notices: tuple[str, ...] = ()
 
 
 def parse_size(value: object, key: str) -> int:
@@ -129,6 +130,18 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
         if v is not None and k in {"port", "listen", "control_socket", "log_format"}
     }
     return replace(config, tls=tls, **simple)
+
+
+def _cache_notices(cache: Table) -> tuple[str, ...]:
+    """``[cache] size`` still parses, so configs that set it keep working,
+    but storaged keeps no plaintext cache any more (docs/performance.md)."""
+    if cache.get("size", (int, str)) is None:
+        return ()
+    parse_size(cache.get("size", (int, str)), "cache.size")
+    return (
+        "cache.size is ignored: storaged keeps no cache of decrypted sectors "
+        "(the page cache holds the ciphertext; docs/performance.md)",
+    )
 
 
 def parse_config(data: Mapping[str, Any], base: Path) -> Config:
@@ -185,7 +198,6 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
         workers=server.positive("workers", DEFAULT_WORKERS),
         shutdown_timeout=server.positive("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, float),
         control_socket=(base / control).resolve() if control else None,
-        cache_bytes=parse_size(cache.get("size", (int, str), DEFAULT_CACHE_BYTES), "cache.size"),
         login=LoginPolicy(
             max_failures=login.positive("max_failures", DEFAULT_MAX_LOGIN_FAILURES),
             window=login.positive("window", DEFAULT_FAILURE_WINDOW, float),
@@ -193,6 +205,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
         ),
         log_format=log_format,
         log_level=log_level,
+        notices=_cache_notices(cache),
     )
     for table in (server, tls_table, cache, login, log, root):
         table.finish()

@@ -14,10 +14,11 @@ Layout of a volume file made here (the cryptsetup 2.6 defaults)::
              the rest filled with random bytes so used and free space look alike
     16 MiB   data segment: AES-XTS-plain64, 4096-byte sectors, sparse
 
-The module is layered: header parsing and validation, keyslot crypto (KDF,
-anti-forensic split/merge, keyslot-area encryption, key digest), header
-writing, and the public operations built on them.  Every failure surfaces as
-:class:`Luks2Error`.
+The module is the header format and the keyslots, layered: header parsing
+and validation, keyslot crypto (KDF, anti-forensic split/merge, keyslot-area
+encryption, key digest), header writing, and the public operations built on
+them.  Every failure surfaces as :class:`Luks2Error`.  The per-request cipher
+of the data segment (AES-XTS, plain64 tweaks) is ``storaged.sectors``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from argon2.exceptions import HashingError
 from argon2.low_level import Type as Argon2Type
 from argon2.low_level import hash_secret_raw
 
-from storaged import _xts
+from storaged.sectors import (
+    IV_UNIT,
+    PLAIN64_LIMIT,
+    CipherError,
+    SectorCipher,
+    valid_sector_size,
+)
 
 # --------------------------------------------------------------------------
 # Format constants (lib/luks2/luks2.h and cryptsetup 2.6 defaults)
@@ -100,17 +107,7 @@ MAX_KEYSLOTS = 32
 
 CIPHER = "aes-xts-plain64"
 VOLUME_KEY_SIZE = 64
-#: AES-128-XTS and AES-256-XTS: two AES keys back to back.
-XTS_KEY_SIZES = (32, 64)
 SECTOR_SIZE = 4096
-#: dm-crypt's plain64 IV counts 512-byte units whatever the sector size, and the
-#: keyslot areas are encrypted in 512-byte sectors.
-IV_UNIT = 512
-#: plain64 is a 64-bit little-endian counter zero-padded to the 16-byte tweak.
-_PLAIN64_LIMIT = 1 << 64
-#: Supported data-segment sector sizes (powers of two, dm-crypt's range).
-MIN_SECTOR_SIZE = 512
-MAX_SECTOR_SIZE = 4096
 
 AF_STRIPES = 4000
 AF_HASH = "sha256"
@@ -207,100 +204,6 @@ class VolumeInfo:
     @property
     def keyslot_ids(self) -> tuple[int, ...]:
         return tuple(slot.id for slot in self.keyslots)
-
-
-# --------------------------------------------------------------------------
-# Data-segment encryption
-# --------------------------------------------------------------------------
-
-
-class SectorCipher:
-    """AES-XTS with dm-crypt's plain64 IVs: how the data segment is encrypted.
-
-    The tweak of a sector is ``segment_offset // 512 + iv_tweak`` (plain64
-    counts 512-byte units even with 4096-byte sectors), zero-padded to 16
-    bytes little-endian.  A whole run of sectors goes through one OpenSSL
-    context in one call (``storaged._xts``), with the GIL released; the key is
-    expanded once, when the cipher is made.
-    """
-
-    __slots__ = ("_iv_tweak", "_key", "_sector_size", "_step")
-
-    def __init__(self, volume_key: bytes, sector_size: int = SECTOR_SIZE, iv_tweak: int = 0):
-        if len(volume_key) not in XTS_KEY_SIZES:
-            raise Luks2Error(f"AES-XTS needs a 256- or 512-bit key, got {len(volume_key) * 8}")
-        half = len(volume_key) // 2
-        if hmac.compare_digest(volume_key[:half], volume_key[half:]):
-            raise Luks2Error("AES-XTS key halves must differ")
-        if not _valid_sector_size(sector_size):
-            raise Luks2Error(f"unsupported sector size {sector_size}")
-        if not 0 <= iv_tweak < _PLAIN64_LIMIT:
-            raise Luks2Error(f"iv_tweak {iv_tweak} is outside the plain64 IV range")
-        self._key = _xts.Key(volume_key)
-        self._sector_size = sector_size
-        self._step = sector_size // IV_UNIT  # plain64 units per sector
-        self._iv_tweak = iv_tweak
-
-    @property
-    def key(self) -> _xts.Key:
-        """The expanded key, for callers that run its pread and pwrite
-        themselves (storaged._requests)."""
-        return self._key
-
-    @property
-    def iv_tweak(self) -> int:
-        return self._iv_tweak
-
-    def encrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
-        """Encrypt whole sectors that start ``segment_offset`` bytes into the segment."""
-        return self._crypt(segment_offset, data, encrypt=True)
-
-    def decrypt(self, segment_offset: int, data: bytes | bytearray | memoryview) -> bytes:
-        """Decrypt whole sectors that start ``segment_offset`` bytes into the segment."""
-        return self._crypt(segment_offset, data, encrypt=False)
-
-    def pread(self, fd: int, position: int, segment_offset: int, length: int) -> bytes:
-        """Read and decrypt whole sectors: ``length`` bytes at ``position`` in
-        ``fd``, which is ``segment_offset`` bytes into the segment.  File I/O
-        and AES in one release of the GIL.
-
-        A sector that is all zero bytes on disk (never written: a hole of a
-        sparse file; real ciphertext is all zeros with probability
-        2**-32768) and bytes past the end of the file read as zeros.
-        """
-        first = self._first_tweak(segment_offset, length)
-        return self._key.pread(fd, position, length, self._sector_size, first, self._step)
-
-    def pwrite(
-        self, fd: int, position: int, segment_offset: int, data: bytes | bytearray | memoryview
-    ) -> None:
-        """Encrypt whole sectors and write them at ``position`` in ``fd``,
-        which is ``segment_offset`` bytes into the segment (one GIL release)."""
-        first = self._first_tweak(segment_offset, memoryview(data).nbytes)
-        self._key.pwrite(fd, position, data, self._sector_size, first, self._step)
-
-    def _crypt(
-        self, segment_offset: int, data: bytes | bytearray | memoryview, *, encrypt: bool
-    ) -> bytes:
-        first = self._first_tweak(segment_offset, memoryview(data).nbytes)
-        return self._key.crypt(data, self._sector_size, first, self._step, encrypt)
-
-    def _first_tweak(self, segment_offset: int, length: int) -> int:
-        """The plain64 tweak of the first of the sectors a run covers."""
-        size = self._sector_size
-        if segment_offset < 0 or segment_offset % size or length % size:
-            raise Luks2Error(
-                f"I/O must cover whole {size}-byte sectors "
-                f"(offset {segment_offset}, length {length})"
-            )
-        first = segment_offset // IV_UNIT + self._iv_tweak
-        if first + (length // size) * self._step > _PLAIN64_LIMIT:
-            raise Luks2Error(f"offset {segment_offset} is beyond the plain64 IV range")
-        return first
-
-
-def _valid_sector_size(size: int) -> bool:
-    return MIN_SECTOR_SIZE <= size <= MAX_SECTOR_SIZE and size & (size - 1) == 0
 
 
 # --------------------------------------------------------------------------
@@ -441,7 +344,7 @@ def _get_int(obj: JsonObject, key: str, where: str) -> int:
 def _get_u64(obj: JsonObject, key: str, where: str) -> int:
     """LUKS2 stores 64-bit quantities as decimal strings (JSON numbers are doubles)."""
     text = _get_str(obj, key, where)
-    if not text.isdigit() or int(text) >= _PLAIN64_LIMIT:
+    if not text.isdigit() or int(text) >= PLAIN64_LIMIT:
         raise Luks2Error(f"{where}: {key!r} is not a 64-bit decimal string")
     return int(text)
 
@@ -541,7 +444,7 @@ def _parse_segment(segments: JsonObject) -> _Segment:
         raise Luks2Error(f"{where}: unsupported segment type {kind!r}")
     size_text = _get_str(segment, "size", where)
     sector_size = _get_int(segment, "sector_size", where)
-    if not _valid_sector_size(sector_size):
+    if not valid_sector_size(sector_size):
         raise Luks2Error(f"{where}: invalid sector size {sector_size}")
     return _Segment(
         offset=_get_u64(segment, "offset", where),
@@ -772,7 +675,10 @@ def _keyslot_cipher(area_cipher: str, key: bytes) -> SectorCipher:
     """Keyslot areas are encrypted in 512-byte sectors, IVs counted from the area start."""
     if area_cipher != CIPHER:
         raise Luks2Error(f"unsupported keyslot cipher {area_cipher!r}")
-    return SectorCipher(key, sector_size=IV_UNIT)
+    try:
+        return SectorCipher(key, sector_size=IV_UNIT)
+    except CipherError as exc:
+        raise Luks2Error(f"keyslot key: {exc}") from None
 
 
 def _open_keyslot(fd: int, slot: _Keyslot, passphrase: bytes) -> bytes:

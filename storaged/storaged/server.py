@@ -23,7 +23,6 @@ from typing import Any
 
 from netblk.protocol.constants import BLOCK_SIZE, ExportFlag
 from netblk.tomlconf import ConfigError
-from storaged.cache import SectorCache
 from storaged.config import Config, ExportConfig
 from storaged.login import Gatekeeper
 from storaged.luks2 import Luks2Error
@@ -63,8 +62,8 @@ def read_passphrase(export: ExportConfig) -> bytes:
 
 
 def export_flags(config: ExportConfig) -> ExportFlag:
-    # MULTI_CONN: every session of an export shares one Volume (one file,
-    # one cache), so a FLUSH on any connection covers them all.
+    # MULTI_CONN: every session of an export shares one Volume (one store),
+    # so a FLUSH on any connection covers them all.
     flags = (
         ExportFlag.SEND_FLUSH
         | ExportFlag.SEND_FUA
@@ -82,7 +81,6 @@ class StorageServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = ServerStats()
-        self.cache = SectorCache(config.cache_bytes, BLOCK_SIZE)
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="storaged-io")
         self.gatekeeper = Gatekeeper(config.clients, config.exports, config.login)
         self.exports: dict[str, Export] = {}
@@ -96,12 +94,14 @@ class StorageServer:
     async def open_volumes(self) -> None:
         """Unlock every export's volume (argon2id: seconds, in parallel)."""
         loop = asyncio.get_running_loop()
+        for notice in self.config.notices:
+            log.warning(notice, extra={"event": "config_notice"})
 
         async def unlock(export: ExportConfig) -> Export:
             passphrase = read_passphrase(export)
             try:
                 volume = await loop.run_in_executor(
-                    self.pool, Volume.open, export.volume, passphrase, self.cache
+                    self.pool, Volume.open, export.volume, passphrase
                 )
             except (OSError, Luks2Error) as exc:
                 raise ConfigError(f"exports.{export.name}: {export.volume}: {exc}") from None
@@ -216,17 +216,13 @@ class StorageServer:
             os.umask(old_umask)
 
     def snapshot(self) -> dict[str, Any]:
-        cache = self.cache.stats()
         snap = self.stats.snapshot()
-        snap["cache"] = {
-            "capacity_bytes": cache.capacity_bytes,
-            "used_bytes": cache.used_bytes,
-            "hits": cache.hits,
-            "misses": cache.misses,
-            "hit_ratio": round(cache.hit_ratio, 4),
-        }
         snap["volumes"] = {
-            name: {"path": str(e.volume.path), "size": e.volume.size}
+            name: {
+                "path": str(e.volume.path),
+                "size": e.volume.size,
+                "syncs": e.volume.engine.store.syncs,
+            }
             for name, e in self.exports.items()
         }
         return snap

@@ -1,22 +1,21 @@
 """One client connection on its own thread: TLS, login, then requests in batches.
 
-A thin blocking I/O shell around ``protocol.codec.ServerConnection``.  Each
-receive takes every request the socket holds; READs, WRITEs, TRIMs and
-WRITE_ZEROES run right here, in arrival order, and their replies leave
-together in one send (one run of TLS records).  Runs of READs and WRITEs
-without flags go through C in one call (``storaged._requests``, which does
-what the codec and ``Volume.read``/``write`` would); every other frame
-through the codec.  Only FLUSH is
-handed to the worker pool: an fdatasync can take long, and the requests
-behind it need not wait (a FLUSH covers the writes completed before it
-arrived, which inline execution has already finished).  A batch ends after
-``max_inflight`` requests or ``max_inflight_bytes`` of payload, which bounds a
-connection's memory; a client that sends more waits in TCP.
+A thin blocking I/O shell: ``netblk.protocol.codec.ServerConnection`` takes
+the HELLO, and after login the engine (``storaged._engine.run``) takes the
+request frames straight from the codec's receive buffer, a batch at a time:
+it checks, runs and counts them and hands back every reply of the batch as
+one buffer, which leaves in one send (one run of TLS records).  A batch
+ends after ``max_inflight`` requests or ``max_inflight_bytes`` of payload,
+which bounds a connection's memory; a client that sends more waits in TCP.
+Only FLUSH goes to the worker pool (``storaged._engine.flush``): an
+fdatasync can take long, and the requests behind it need not wait (a FLUSH
+covers the writes completed before it arrived, which the engine finished
+before it handed the FLUSH over).
 
-Why a thread and not the event loop: under the GIL, the per-request hand-offs
+Why a thread and not an event loop: under the GIL, the per-request hand-offs
 between a loop and worker threads cost more than the work of a 4 KiB request.
-Blocking socket calls, TLS record crypto, pread/pwrite and AES release the
-GIL, so connections still run side by side.
+The engine releases the GIL for its I/O and crypto, and blocking socket
+calls release it too, so connections run side by side.
 """
 
 from __future__ import annotations
@@ -29,34 +28,49 @@ import socket
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from queue import SimpleQueue
+from typing import TYPE_CHECKING
 
 from netblk.protocol.codec import (
     NEED_DATA,
     ConnectionClosed,
-    Disconnect,
     ExportGeometry,
     Hello,
-    InvalidRequest,
     ProtocolError,
-    Request,
     ServerConnection,
 )
 from netblk.protocol.constants import Cmd, Errno, ExportFlag, LoginStatus
 from netblk.tlsconf import describe_tls_error
-from storaged._requests import Runner
+from storaged._engine import (
+    STOP_BROKEN,
+    STOP_DISCONNECT,
+    STOP_FLUSH,
+    STOP_FULL,
+    Counters,
+    Scanner,
+    flush,
+    run,
+)
 from storaged.config import Access
-from storaged.engine import Outcome, execute
 from storaged.login import Gatekeeper
-from storaged.stats import RequestRecord, ServerStats
+from storaged.stats import ServerStats
 from storaged.transport import Channel, ServerTls
 from storaged.volume import Volume
 
+if TYPE_CHECKING:
+    from storaged._engine import Note
+
 log = logging.getLogger(__name__)
 
-#: Requests whose payload counts against ``max_inflight_bytes``.
-_PAYLOAD_OPS = frozenset((Cmd.READ, Cmd.WRITE))
+_OP_NAMES = {int(cmd): cmd.name for cmd in Cmd}
+
+
+def scanner_for(geometry: ExportGeometry) -> Scanner:
+    """The engine's request scanner for what a client was admitted to."""
+    return Scanner(
+        size=geometry.size, export_flags=int(geometry.flags), max_payload=geometry.max_payload
+    )
 
 
 @dataclass(frozen=True)
@@ -75,31 +89,19 @@ class SessionLimits:
     max_payload: int
     login_timeout: float
 
-
-@dataclass
-class _Batch:
-    """Requests taken in since the last send, and their replies."""
-
-    replies: list[bytes] = field(default_factory=list)
-    records: list[RequestRecord] = field(default_factory=list)
-    taken: int = 0
-    payload: int = 0
-
-    def full(self, limits: SessionLimits) -> bool:
-        """Whether one more request could break the per-connection bounds."""
-        return (
-            self.taken >= limits.max_inflight
-            or self.payload + limits.max_payload > limits.max_inflight_bytes
-        )
+    @property
+    def payload_room(self) -> int:
+        """READ and WRITE bytes a batch takes before one more request of
+        ``max_payload`` could pass ``max_inflight_bytes``."""
+        return max(0, self.max_inflight_bytes - self.max_payload)
 
 
 @dataclass(frozen=True)
-class _Finished:
-    """A request the worker pool ran (a FLUSH), back for its reply."""
+class _Serving:
+    """What a logged-in connection's requests run against."""
 
-    request: Request
-    outcome: Outcome
-    seconds: float
+    export: Export
+    counters: Counters
 
 
 class Session:
@@ -131,26 +133,33 @@ class Session:
         self._limits = limits
         self._pool = pool
         self._stats = stats
-        self._conn = ServerConnection()
+        self._conn = ServerConnection(self._make_scanner)
+        self._scanner: Scanner | None = None
         host, port = str(peer[0]), int(peer[1])
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._peer_host = host
         self.client: str | None = None
-        self._export: Export | None = None
-        self._runner: Runner | None = None
+        self._serving: _Serving | None = None
         self._stopping = False
         self._flush_on_close = False
-        # Requests on the pool: their outcomes come back through _finished,
+        # FLUSHes on the pool: their replies come back through _finished,
         # and _wakeup (an eventfd) interrupts a wait for the socket.
         self._on_pool = 0
-        self._finished: SimpleQueue[_Finished] = SimpleQueue()
+        self._finished: SimpleQueue[tuple[bytes, Note | None]] = SimpleQueue()
         self._wakeup = os.eventfd(0, os.EFD_CLOEXEC)
 
-    def _log(self, level: int, msg: str, event: str, **fields: object) -> None:
+    def _make_scanner(self, geometry: ExportGeometry) -> Scanner:
+        """The codec's scanner, kept: the engine runs the frames it checks."""
+        self._scanner = scanner_for(geometry)
+        return self._scanner
+
+    def _log(
+        self, level: int, msg: str, event: str, *, exc_info: bool = False, **fields: object
+    ) -> None:
         extra = {"event": event, "peer": self.peer, "client": self.client}
-        if self._export is not None:
-            extra["export"] = self._export.name
-        log.log(level, msg, extra=extra | fields)
+        if self._serving is not None:
+            extra["export"] = self._serving.export.name
+        log.log(level, msg, exc_info=exc_info, extra=extra | fields)
 
     # ------------------------------------------------------------------
     # Control from other threads
@@ -194,12 +203,11 @@ class Session:
 
     def _finish(self) -> None:
         """Let pool work end, flush after a DISCONNECT, close."""
-        finished = self._drain_pool(block=True)
         with contextlib.suppress(OSError):
-            self._answer(finished)
-        if self._flush_on_close and self._export is not None:
+            self._answer_pool(block=True)
+        if self._flush_on_close and self._serving is not None:
             try:
-                self._export.volume.flush()
+                self._serving.export.volume.flush()
             except OSError as exc:
                 self._log(logging.ERROR, "flush on close failed", "io_error", error=str(exc))
         self._close()
@@ -251,11 +259,7 @@ class Session:
         flags = export.flags
         if decision.access is Access.RO:
             flags |= ExportFlag.READ_ONLY
-        self._export = export
-        self._runner = export.volume.runner(
-            max_payload=self._limits.max_payload,
-            writable=not flags & ExportFlag.READ_ONLY,
-        )
+        self._serving = _Serving(export, self._stats.counters(export.name, identity or "?"))
         channel.settimeout(None)
         channel.sendall(
             self._conn.accept(
@@ -292,88 +296,75 @@ class Session:
             self._conn.receive_data(channel.recv())
 
     def _serve(self) -> None:
-        batch = _Batch()
+        """Run batches of requests until the client or the server ends."""
+        assert self._serving is not None and self._scanner is not None
+        scanner = self._scanner
+        volume = self._serving.export.volume.engine
+        counters = self._serving.counters
+        limits = self._limits
         while True:
-            if batch.full(self._limits):
-                self._answer(batch)
-                batch = _Batch()
-            # The runner stops when the batch is full or at a frame it
-            # leaves to the codec (asking it again would only repeat that).
-            self._run_inline(batch)
-            if batch.full(self._limits):
+            buffer, start = self._conn.frames()
+            consumed, reply, _taken, _payload, stop, detail, notes = run(
+                scanner,
+                volume,
+                counters,
+                buffer,
+                start,
+                limits.max_inflight,
+                limits.payload_room,
+            )
+            self._conn.consume(consumed)
+            self._log_notes(notes)
+            self._send(reply)
+            if stop == STOP_FULL:
                 continue
-            try:
-                event = self._conn.next_event()
-            except ProtocolError:
-                self._answer(batch)  # what came before the bad frame
-                raise
-            if isinstance(event, Request):
-                self._take(event, batch)
-                continue
-            if isinstance(event, InvalidRequest):
-                batch.replies.append(self._refuse(event))
-                batch.taken += 1
-                continue
-            self._answer(batch)
-            batch = _Batch()
-            if event is NEED_DATA:
-                self._receive()
-            elif isinstance(event, Disconnect):
+            if stop == STOP_FLUSH:
+                assert isinstance(detail, int)
+                self._to_pool(detail)
+            elif stop == STOP_DISCONNECT:
                 self._log(logging.INFO, "client disconnected", "disconnect")
                 self._flush_on_close = True
                 return
-            elif isinstance(event, ConnectionClosed):
+            elif stop == STOP_BROKEN:
+                raise ProtocolError(str(detail))
+            # STOP_SHORT: the codec says whether the stream goes on
+            elif self._conn.next_event() is NEED_DATA:
+                self._receive()
+            else:
                 level = logging.INFO if self._stopping else logging.WARNING
                 self._log(level, "connection closed without DISCONNECT", "closed")
                 return
 
-    def _run_inline(self, batch: _Batch) -> None:
-        """Run the plain READs and WRITEs at the front of the buffer in C
-        (storaged._requests), as far as the batch has room."""
-        assert self._runner is not None
-        limits = self._limits
-        taken, payload = self._conn.run_requests(
-            self._runner,
-            limits.max_inflight - batch.taken,
-            limits.max_inflight_bytes - limits.max_payload - batch.payload,
-            batch.replies,
-            batch.records,
-        )
-        batch.taken += taken
-        batch.payload += payload
+    def _log_notes(self, notes: list[Note]) -> None:
+        """What the engine noted in a batch: refusals and store failures."""
+        for event, handle, opcode, offset, length, error, reason in notes:
+            op = _OP_NAMES.get(opcode, str(opcode))
+            if event == "refused":
+                self._log(
+                    logging.INFO,
+                    "request refused",
+                    "bad_request",
+                    handle=handle,
+                    opcode=opcode,
+                    error=Errno(error).name,
+                    reason=reason,
+                )
+            else:
+                self._log(
+                    logging.ERROR,
+                    "storage I/O failed",
+                    "io_error",
+                    volume=str(self._serving.export.volume.path) if self._serving else None,
+                    op=op,
+                    offset=offset,
+                    length=length,
+                    error=reason,
+                )
 
-    def _take(self, request: Request, batch: _Batch) -> None:
-        """Run ``request`` now (a FLUSH: on the pool) and queue its reply."""
-        assert self._export is not None
-        batch.taken += 1
-        if request.opcode in _PAYLOAD_OPS:
-            batch.payload += request.length
-        if request.opcode is Cmd.FLUSH:
-            self._to_pool(self._export.volume, request)
-            return
-        started = time.perf_counter()
-        outcome = execute(self._export.volume, request)
-        self._complete(batch, request, outcome, time.perf_counter() - started)
-
-    def _complete(self, batch: _Batch, request: Request, outcome: Outcome, seconds: float) -> None:
-        """Queue the reply to a request that ran, and count it."""
-        batch.records.append(
-            (request.opcode, request.length, outcome.error, outcome.cache_hit, seconds)
-        )
-        batch.replies.append(self._conn.send_reply(request.handle, outcome.error))
-        if outcome.data:
-            batch.replies.append(outcome.data)
-
-    def _answer(self, batch: _Batch) -> None:
-        if batch.records:
-            assert self._export is not None
-            self._stats.record_requests(self._export.name, self.client or "?", batch.records)
-        self._send(batch.replies)
-
-    def _send(self, replies: list[bytes]) -> None:
-        if replies:
+    def _send(self, reply: bytes) -> None:
+        if reply:
             assert self._channel is not None
-            self._channel.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
+            self._channel.sendall(reply)
 
     def _receive(self) -> None:
         """Feed the codec everything the peer has sent, waiting for at least
@@ -389,51 +380,44 @@ class Session:
             readable, _, _ = select.select([channel.fileno(), self._wakeup], [], [])
             if self._wakeup in readable:
                 os.eventfd_read(self._wakeup)
-                self._answer(self._drain_pool(block=False))
+                self._answer_pool(block=False)
             if channel.fileno() in readable:
                 break
         self._conn.receive_data(channel.recv())
 
-    def _to_pool(self, volume: Volume, request: Request) -> None:
-        started = time.perf_counter()
+    def _to_pool(self, handle: int) -> None:
+        """Run the FLUSH ``handle`` on the pool; its reply comes back."""
+        assert self._serving is not None and self._scanner is not None
         self._on_pool += 1
 
-        def done(future: Future[Outcome]) -> None:
+        def done(future: Future[tuple[bytes, Note | None]]) -> None:
             try:
-                outcome = future.result()
+                answer = future.result()
             except Exception:
                 self._log(logging.ERROR, "request failed", "internal_error", exc_info=True)
-                outcome = Outcome(Errno.IO)
-            self._finished.put(_Finished(request, outcome, time.perf_counter() - started))
+                answer = self._conn.send_reply(handle, Errno.IO), None
+            self._finished.put(answer)
             os.eventfd_write(self._wakeup, 1)
 
-        self._pool.submit(execute, volume, request).add_done_callback(done)
+        serving = self._serving
+        self._pool.submit(
+            flush, self._scanner, serving.export.volume.engine, serving.counters, handle
+        ).add_done_callback(done)
 
-    def _drain_pool(self, *, block: bool) -> _Batch:
-        """The pool's finished requests (all of them if ``block``), answered."""
-        batch = _Batch()
+    def _answer_pool(self, *, block: bool) -> None:
+        """Send the replies of FLUSHes the pool finished (all if ``block``)."""
+        replies: list[bytes] = []
+        notes: list[Note] = []
         while self._on_pool and (block or not self._finished.empty()):
-            item = self._finished.get()
+            reply, note = self._finished.get()
             self._on_pool -= 1
-            self._complete(batch, item.request, item.outcome, item.seconds)
-        return batch
-
-    def _refuse(self, invalid: InvalidRequest) -> bytes:
-        self._log(
-            logging.INFO,
-            "request refused",
-            "bad_request",
-            handle=invalid.handle,
-            opcode=invalid.opcode,
-            error=invalid.error.name,
-            reason=invalid.reason,
-        )
-        assert self._export is not None
-        self._stats.record_refusal(self._export.name, self.client or "?")
-        return self._conn.send_reply(invalid.handle, invalid.error)
+            replies.append(reply)
+            if note is not None:
+                notes.append(note)
+        self._log_notes(notes)
+        self._send(b"".join(replies))
 
     def _close(self) -> None:
-        self._runner = None  # closes its descriptor of the volume file
         if self._channel is not None:
             self._channel.close()
         self._sock.close()

@@ -1,6 +1,10 @@
-"""Per-export and per-client counters, updated by every connection thread
-under one lock (a batch of requests at a time) and read by operators through
-the control socket."""
+"""Per-export and per-client counters, read by operators through the
+control socket.
+
+The engine counts every request into the ``Counters`` of its connection's
+(export, client) pair as it answers it (``storaged._engine``, under the
+GIL); this module hands out those counters and sums them into the
+per-export and per-client views of a snapshot."""
 
 from __future__ import annotations
 
@@ -10,16 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from netblk.protocol.constants import Cmd, Errno
-from storaged._requests import tally
-
-#: Latency buckets are powers of two of microseconds: 1 us .. ~68 s.
-LATENCY_BUCKETS = 27
-
-#: One request as a session reports it: op, length, outcome, cache hit
-#: (None if the cache was not asked), seconds spent.
-RequestRecord = tuple[Cmd, int, Errno, bool | None, float]
-_OP_KEYS = {cmd: cmd.name.lower() for cmd in Cmd}
+from storaged._engine import LATENCY_BUCKETS, Counters
 
 
 @dataclass
@@ -64,47 +59,38 @@ class LatencyHistogram:
 
 @dataclass
 class IoCounters:
-    """What happened on one export or for one client."""
+    """What happened on one export or for one client: one pair's engine
+    counters, or several summed."""
 
     requests: Counter[str] = field(default_factory=Counter)
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
-    def record(self, records: list[RequestRecord]) -> None:
-        """Count a batch of requests.  This runs for every batch on the
-        connection's thread, so one C pass (``tally``) sums it."""
-        ops, read, written, errors, hits, misses, count, total_us, max_us = tally(
-            records, self.latency.buckets
+    @classmethod
+    def of(cls, counters: Counters) -> IoCounters:
+        """What the engine has counted into ``counters`` so far."""
+        snap = counters.snapshot()
+        latency = snap["latency"]
+        return cls(
+            requests=Counter(snap["requests"]),
+            bytes_read=snap["bytes_read"],
+            bytes_written=snap["bytes_written"],
+            errors=snap["errors"],
+            latency=LatencyHistogram(
+                buckets=latency["buckets"],
+                count=latency["count"],
+                total_us=latency["total_us"],
+                max_us=latency["max_us"],
+            ),
         )
-        requests = self.requests
-        for op, times in ops.items():
-            requests[_OP_KEYS[op]] += times
-        self.bytes_read += read
-        self.bytes_written += written
-        self.errors += errors
-        self.cache_hits += hits
-        self.cache_misses += misses
-        latency = self.latency
-        latency.count += count
-        latency.total_us += total_us
-        latency.max_us = max(latency.max_us, max_us)
-
-    def record_refusal(self) -> None:
-        """A request refused before reaching storage (EINVAL, EPERM, ...)."""
-        self.requests["refused"] += 1
-        self.errors += 1
 
     def merge(self, other: IoCounters) -> None:
         self.requests.update(other.requests)
         self.bytes_read += other.bytes_read
         self.bytes_written += other.bytes_written
         self.errors += other.errors
-        self.cache_hits += other.cache_hits
-        self.cache_misses += other.cache_misses
         self.latency.merge(other.latency)
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,8 +100,6 @@ class IoCounters:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "errors": self.errors,
-            "cache_hits": self.cache_hits,
-            "cache_misses": self.cache_misses,
             "latency": self.latency.as_dict(),
         }
 
@@ -134,7 +118,7 @@ class ServerStats:
     logins_ok: int = 0
     logins_failed: Counter[str] = field(default_factory=Counter)
     protocol_errors: int = 0
-    pairs: dict[tuple[str, str], IoCounters] = field(default_factory=dict)
+    pairs: dict[tuple[str, str], Counters] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # protects every field above
@@ -160,27 +144,22 @@ class ServerStats:
         with self._lock:
             self.protocol_errors += 1
 
-    def record_requests(self, export: str, client: str, records: list[RequestRecord]) -> None:
+    def counters(self, export: str, client: str) -> Counters:
+        """The engine's counters for a connection of ``client`` on ``export``."""
         with self._lock:
-            self._pair(export, client).record(records)
-
-    def record_refusal(self, export: str, client: str) -> None:
-        with self._lock:
-            self._pair(export, client).record_refusal()
-
-    def _pair(self, export: str, client: str) -> IoCounters:
-        counters = self.pairs.get((export, client))
-        if counters is None:
-            counters = self.pairs[export, client] = IoCounters()
-        return counters
+            counters = self.pairs.get((export, client))
+            if counters is None:
+                counters = self.pairs[export, client] = Counters()
+            return counters
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             exports: dict[str, IoCounters] = {}
             clients: dict[str, IoCounters] = {}
             for (export, client), counters in self.pairs.items():
-                exports.setdefault(export, IoCounters()).merge(counters)
-                clients.setdefault(client, IoCounters()).merge(counters)
+                counted = IoCounters.of(counters)
+                exports.setdefault(export, IoCounters()).merge(counted)
+                clients.setdefault(client, IoCounters()).merge(counted)
             return {
                 "uptime_s": round(time.time() - self.started, 3),
                 "connections_open": self.connections_open,

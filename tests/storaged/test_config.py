@@ -38,11 +38,15 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_full_config_loads_with_paths_relative_to_the_file(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE))
+    assert load_config(write(tmp_path, BASE.replace('[cache]\nsize = "16MiB"\n', ""))).notices == ()
     assert config.listen == ("127.0.0.1", "::1")
     assert config.port == 10999
     assert config.tls.cert == tmp_path / "server.crt"
     assert config.tls.kernel_tls
-    assert config.cache_bytes == 16 << 20
+    assert config.notices == (
+        "cache.size is ignored: storaged keeps no cache of decrypted sectors "
+        "(the page cache holds the ciphertext; docs/performance.md)",
+    )
     assert config.exports["data"].volume == tmp_path / "data.luks"
     assert config.exports["data"].access == {"alice": Access.RW}
     assert config.clients["alice"].token_hash == HASH

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from netblk.protocol.constants import BLOCK_SIZE, ExportFlag
+from storaged._engine import FileStore
 from storaged.client import ConnectionLost, RequestError
+from storaged.server import StorageServer
 from tests.storaged.stack import ServerProcess, Stack, run, serving
 
 
@@ -48,46 +50,53 @@ def test_flushed_writes_survive_kill_9(stack: Stack, process: ServerProcess) -> 
     run(read_all())
 
 
-def test_flush_and_fua_call_fdatasync(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+def syncs(server: StorageServer, export: str = "data") -> int:
+    """Flushes the export's file store made (fdatasync calls that succeeded),
+    as the control socket reports them."""
+    store = server.exports[export].volume.engine.store
+    assert isinstance(store, FileStore)
+    assert server.snapshot()["volumes"][export]["syncs"] == store.syncs
+    return store.syncs
+
+
+def test_flush_and_fua_call_fdatasync(stack: Stack) -> None:
     """kill -9 keeps the page cache, so also prove the power-loss half: an
     acknowledged FLUSH or FUA write has been through fdatasync."""
-    synced: list[int] = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
 
     async def body() -> None:
-        async with serving(stack), await stack.connect() as client:
+        async with serving(stack) as server, await stack.connect() as client:
             await client.write(0, bytes(BLOCK_SIZE))
-            assert synced == []
+            assert syncs(server) == 0
             await client.flush()
-            assert len(synced) == 1
+            assert syncs(server) == 1
             await client.write(0, bytes(BLOCK_SIZE), fua=True)
-            assert len(synced) == 2
+            assert syncs(server) == 2
             await client.trim(0, BLOCK_SIZE)
-            assert len(synced) == 2
+            assert syncs(server) == 2
+            await client.trim(0, BLOCK_SIZE, fua=True)
+            assert syncs(server) == 3
 
     run(body())
 
 
-def test_connections_to_one_export_are_coherent(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What MULTI_CONN promises: one connection reads what another wrote (the
-    cache included), and a FLUSH on one makes the other's write durable."""
-    synced: list[int] = []
-    real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+def test_connections_to_one_export_are_coherent(stack: Stack) -> None:
+    """What MULTI_CONN promises: one connection reads what another wrote, and
+    a FLUSH on one makes the other's write durable (one store, one sync)."""
     data = os.urandom(BLOCK_SIZE)
 
     async def body() -> None:
-        async with serving(stack), await stack.connect() as one, await stack.connect() as other:
+        async with (
+            serving(stack) as server,
+            await stack.connect() as one,
+            await stack.connect() as other,
+        ):
             assert one.info.flags & ExportFlag.MULTI_CONN
-            assert await other.read(0, BLOCK_SIZE) == bytes(BLOCK_SIZE)  # now cached
+            assert await other.read(0, BLOCK_SIZE) == bytes(BLOCK_SIZE)
             await one.write(0, data)
             assert await other.read(0, BLOCK_SIZE) == data
-            assert synced == []
+            assert syncs(server) == 0
             await other.flush()
-            assert len(synced) == 1
+            assert syncs(server) == 1
 
     run(body())
 

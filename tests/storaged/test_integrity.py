@@ -7,13 +7,14 @@ import asyncio
 import os
 import random
 import threading
+from typing import Any
 
 import pytest
 
 from netblk.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
 from netblk.protocol.constants import BLOCK_SIZE, Cmd, Errno, LoginStatus
+from storaged import session
 from storaged.client import NetblkClient
-from storaged.volume import Volume
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer, raw_tls_socket, run, serving
 
 BLOCKS = VOLUME_SIZE // BLOCK_SIZE
@@ -122,13 +123,13 @@ def test_forty_requests_in_flight_complete_out_of_order(
     the same connection are answered: replies come back out of order, and
     at least 41 requests are in flight at once."""
     release = threading.Event()
-    real_flush = Volume.flush
+    real_flush = session.flush
 
-    def held_flush(self: Volume) -> None:
+    def held_flush(*args: Any) -> Any:
         assert release.wait(timeout=30), "flush was never released"
-        real_flush(self)
+        return real_flush(*args)
 
-    monkeypatch.setattr(Volume, "flush", held_flush)
+    monkeypatch.setattr(session, "flush", held_flush)
     with ThreadedServer(stack) as ts, raw_tls_socket(stack) as sock:
         conn = ClientConnection()
         sock.sendall(conn.send_hello("data", stack.tokens["alice"].encode()))

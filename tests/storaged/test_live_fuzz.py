@@ -36,10 +36,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from netblk.protocol.codec import (
-    ALLOWED_FLAGS,
-    MUTATING,
     NEED_DATA,
-    RANGED,
     ClientConnection,
     Disconnect,
     ExportGeometry,
@@ -70,6 +67,7 @@ from netblk.protocol.constants import (
     LoginStatus,
 )
 from tests.pki_fixtures import PkiFiles
+from tests.storaged.oracle import ALLOWED_FLAGS, MUTATING, RANGED, FrameOracle
 from tests.storaged.stack import VOLUME_SIZE, Stack, ThreadedServer
 
 T = TypeVar("T")
@@ -198,7 +196,7 @@ class Prediction:
 
 
 def predict_session(geometry: ExportGeometry, stream: bytes) -> Prediction:
-    conn = ServerConnection()
+    conn = ServerConnection(FrameOracle)
     conn.receive_data(encode_hello("data", b"t" * 16))
     conn.next_event()
     conn.accept(geometry)
@@ -240,7 +238,7 @@ def predict_login(first: bytes) -> bytes | None:
     """The exact bytes the server sends before closing, or None if it must
     wait for the rest of the HELLO.  A well-formed HELLO from a random token
     is refused with DENIED (the fuzz server never rate-limits)."""
-    conn = ServerConnection()
+    conn = ServerConnection(FrameOracle)
     conn.receive_data(first)
     try:
         event = conn.next_event()

@@ -7,9 +7,7 @@ Everything uses :data:`luks2.TEST_KDF_PARAMS` so an unlock costs milliseconds.
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -18,14 +16,12 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from storaged import _xts, luks2
+from storaged import luks2
 
 FAST = luks2.TEST_KDF_PARAMS
 PASSPHRASE = b"correct horse battery staple"
@@ -465,175 +461,6 @@ def test_digest_benchmark_has_a_floor() -> None:
     quick = luks2.benchmark_digest_iterations(1)
     assert quick >= luks2.PBKDF2_MIN_ITERATIONS
     assert luks2.benchmark_digest_iterations() > quick
-
-
-# ---------------------------------------------------------------------------
-# SectorCipher
-# ---------------------------------------------------------------------------
-
-
-def reference_xts(key: bytes, tweak: int, sector: bytes) -> bytes:
-    encryptor = Cipher(algorithms.AES(key), modes.XTS(tweak.to_bytes(16, "little"))).encryptor()
-    return encryptor.update(sector) + encryptor.finalize()
-
-
-def test_sector_cipher_round_trip() -> None:
-    cipher = luks2.SectorCipher(os.urandom(64))
-    data = os.urandom(16 * 4096)
-    encrypted = cipher.encrypt(8 * 4096, data)
-    assert encrypted != data
-    assert len(encrypted) == len(data)
-    assert cipher.decrypt(8 * 4096, encrypted) == data
-    assert cipher.decrypt(9 * 4096, encrypted) != data
-    assert cipher.decrypt(0, bytearray(cipher.encrypt(0, memoryview(data)))) == data
-
-
-def test_sector_cipher_pread_and_pwrite_use_the_segment_offset(tmp_path: Path) -> None:
-    """The file position and the tweak are separate: a data segment starts
-    past the header, and its sectors' tweaks count from the segment."""
-    cipher = luks2.SectorCipher(os.urandom(64))
-    data = os.urandom(3 * 4096)
-    fd = os.open(tmp_path / "volume", os.O_RDWR | os.O_CREAT)
-    try:
-        cipher.pwrite(fd, 16384 + 4096, 4096, data)
-        assert os.pread(fd, len(data), 16384 + 4096) == cipher.encrypt(4096, data)
-        assert cipher.pread(fd, 16384 + 4096, 4096, len(data)) == data
-        assert cipher.pread(fd, 16384 + 4096, 0, len(data)) != data
-    finally:
-        os.close(fd)
-
-
-def test_sector_cipher_pread_keeps_holes_and_reads_past_the_end_as_zeros(
-    tmp_path: Path,
-) -> None:
-    """A sector of zeros on disk was never written: it reads as zeros, its
-    neighbours still decrypt with their own tweaks, and a file shorter than
-    the read is a hole at its end."""
-    cipher = luks2.SectorCipher(os.urandom(64))
-    data = os.urandom(3 * 4096)
-    on_disk = bytearray(cipher.encrypt(4096, data))
-    on_disk[4096:8192] = bytes(4096)
-    almost = bytearray(4096)  # one non-zero byte anywhere is data, not a hole
-    almost[4095] = 1
-    path = tmp_path / "volume"
-    path.write_bytes(bytes(on_disk) + almost)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert cipher.pread(fd, 0, 4096, 3 * 4096) == data[:4096] + bytes(4096) + data[8192:]
-        assert cipher.pread(fd, 3 * 4096, 4 * 4096, 4096) == cipher.decrypt(4 * 4096, almost)
-        assert cipher.pread(fd, 3 * 4096, 4 * 4096, 3 * 4096)[4096:] == bytes(2 * 4096)
-    finally:
-        os.close(fd)
-    assert cipher.decrypt(4096, on_disk)[4096:8192] != bytes(4096)  # crypt has no holes
-
-
-def test_xts_file_io_errors_are_oserrors_and_bad_runs_valueerrors(tmp_path: Path) -> None:
-    key = _xts.Key(os.urandom(64))
-    fd = os.open(tmp_path / "volume", os.O_RDONLY | os.O_CREAT)
-    os.close(fd)  # a closed descriptor: EBADF, as os.pread would say
-    with pytest.raises(OSError) as read_error:
-        key.pread(fd, 0, 4096, 4096, 0, 8)
-    with pytest.raises(OSError) as write_error:
-        key.pwrite(fd, 0, bytes(4096), 4096, 0, 8)
-    assert read_error.value.errno == write_error.value.errno == errno.EBADF
-    with pytest.raises(ValueError, match="not a run of 4096-byte data units"):
-        key.pread(fd, 0, 4095, 4096, 0, 8)
-    with pytest.raises(ValueError, match="-4096 bytes is not a run"):
-        key.pread(fd, 0, -4096, 4096, 0, 8)
-
-
-@pytest.mark.parametrize("key_len", [32, 64])
-def test_xts_key_is_expanded_once_and_shared_by_threads(key_len: int, tmp_path: Path) -> None:
-    """Every call copies the keyed contexts, so calls from many threads on
-    one Key, encrypting and decrypting in turn, in memory and through a
-    file, each see only their tweaks."""
-    key = _xts.Key(raw := os.urandom(key_len))
-    sectors = [os.urandom(4096) for _ in range(8)]
-    fd = os.open(tmp_path / "volume", os.O_RDWR | os.O_CREAT)
-
-    def round_trip(index: int) -> bool:
-        encrypted = key.crypt(sectors[index], 4096, index, 8, True)
-        assert encrypted == reference_xts(raw, index, sectors[index])
-        assert key.crypt(encrypted, 4096, index, 8, False) == sectors[index]
-        key.pwrite(fd, index * 4096, sectors[index], 4096, index, 8)
-        return key.pread(fd, index * 4096, 4096, 4096, index, 8) == sectors[index]
-
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            assert all(pool.map(round_trip, [i % 8 for i in range(400)]))
-        for index, sector in enumerate(sectors):
-            assert os.pread(fd, 4096, index * 4096) == reference_xts(raw, index, sector)
-    finally:
-        os.close(fd)
-
-
-def test_xts_key_rejects_other_sizes() -> None:
-    with pytest.raises(ValueError, match="256- or 512-bit key, got 384 bits"):
-        _xts.Key(os.urandom(48))
-
-
-def test_sector_cipher_tweak_is_offset_in_512_byte_units() -> None:
-    key = os.urandom(64)
-    cipher = luks2.SectorCipher(key)
-    data = os.urandom(4 * 4096)
-    base = 1 << 30
-    encrypted = cipher.encrypt(base, data)
-    for k in range(4):
-        sector = data[k * 4096 : (k + 1) * 4096]
-        offset = base + k * 4096
-        alone = cipher.encrypt(offset, sector)
-        assert encrypted[k * 4096 : (k + 1) * 4096] == alone
-        # dm-crypt plain64 counts 512-byte units, not 4096-byte sector indexes.
-        assert alone == reference_xts(key, offset // 512, sector)
-        assert alone != reference_xts(key, offset // 4096, sector)
-
-
-#: Recorded from the Linux 6.1 dm-crypt of a volume made by format_volume, opened
-#: with ``cryptsetup open`` on a loop device in the guest; two 4096-byte sectors
-#: of KAT_PLAINTEXT written with ``dd ... bs=4096 seek=N oflag=direct``.
-KAT_VOLUME_KEY = bytes.fromhex(
-    "d53c3c354d16fb97c8db444a001ce1f53fa591559c4480e86ffe3f889ac56ce6"
-    "62969fbd9512ebfa8e237e07978e44e3b5045c248b2217bdea29702340a0071f"
-)
-KAT_PLAINTEXT = b"".join(bytes((s * 7 + i) % 256 for i in range(4096)) for s in range(2))
-KAT_CIPHERTEXT_SHA256 = {
-    5: "e738ddf8c852400100c720b1a59341a80769d5eb1cb4bf630a3b3a8a89489ce5",
-    1000: "d5306d10e9463a011f2e4535e3ce7f192159c39a7096e5ddd693e2dc95f0bbed",
-}
-
-
-@pytest.mark.parametrize("sector", sorted(KAT_CIPHERTEXT_SHA256))
-def test_sector_cipher_matches_kernel_dm_crypt(sector: int) -> None:
-    cipher = luks2.SectorCipher(KAT_VOLUME_KEY)
-    encrypted = cipher.encrypt(sector * 4096, KAT_PLAINTEXT)
-    assert hashlib.sha256(encrypted).hexdigest() == KAT_CIPHERTEXT_SHA256[sector]
-
-
-def test_sector_cipher_iv_tweak_shifts_the_tweak() -> None:
-    key = os.urandom(64)
-    sector = os.urandom(4096)
-    shifted = luks2.SectorCipher(key, iv_tweak=24).encrypt(4096, sector)
-    assert shifted == reference_xts(key, 4096 // 512 + 24, sector)
-
-
-def test_sector_cipher_512_byte_sectors() -> None:
-    key = os.urandom(64)
-    data = os.urandom(3 * 512)
-    encrypted = luks2.SectorCipher(key, sector_size=512).encrypt(1024, data)
-    assert encrypted[512:1024] == reference_xts(key, 3, data[512:1024])
-
-
-@pytest.mark.parametrize("offset,length", [(100, 4096), (4096, 100), (-4096, 4096)])
-def test_sector_cipher_rejects_partial_sectors(offset: int, length: int) -> None:
-    with pytest.raises(luks2.Luks2Error, match="whole"):
-        luks2.SectorCipher(os.urandom(64)).encrypt(offset, bytes(length))
-
-
-def test_sector_cipher_rejects_bad_keys() -> None:
-    with pytest.raises(luks2.Luks2Error, match="key"):
-        luks2.SectorCipher(os.urandom(48))
-    with pytest.raises(luks2.Luks2Error, match="differ"):
-        luks2.SectorCipher(bytes(64))
 
 
 # ---------------------------------------------------------------------------

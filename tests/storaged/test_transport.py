@@ -33,12 +33,10 @@ from netblk.protocol.codec import NEED_DATA, ClientConnection, HelloReply, Reply
 from netblk.protocol.constants import BLOCK_SIZE, MAX_PAYLOAD, Cmd, LoginStatus
 from netblk.tlsconf import client_context, kernel_tls_directions
 from storaged import server as server_module
-from storaged import transport
-from storaged.cache import SectorCache
+from storaged import session, transport
 from storaged.client import NetblkClient
 from storaged.config import load_config
 from storaged.server import StorageServer
-from storaged.session import Session
 from storaged.transport import READ_CHUNK, Channel, ServerTls
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import Stack, ThreadedServer, raw_tls_socket, run
@@ -120,22 +118,18 @@ def test_in_flight_work_per_connection_is_bounded(
     text = stack.config_path.read_text().replace("workers = 4", f"workers = 4\n{extra}", 1)
     stack.config_path.write_text(text)
     release = threading.Event()
-    real_lookup = SectorCache.lookup
+    batches: list[tuple[int, int]] = []  # (requests, payload bytes) per batch
+    real_run = session.run
 
-    def stalled_lookup(self: SectorCache, *args: Any, **kwargs: Any) -> Any:
-        release.wait(timeout=30)  # every READ asks the cache first, in C or not
-        return real_lookup(self, *args, **kwargs)
+    def stalled_run(*args: Any) -> Any:
+        release.wait(timeout=30)  # storage stalls: no batch is answered
+        answer = real_run(*args)
+        _consumed, _reply, taken, payload, *_ = answer
+        if taken:
+            batches.append((taken, payload))
+        return answer
 
-    batches: list[tuple[int, int]] = []  # (requests, payload bytes) per answer
-    real_answer = Session._answer
-
-    def recorded_answer(self: Session, batch: Any) -> None:
-        if batch.records:
-            batches.append((len(batch.records), batch.payload))
-        real_answer(self, batch)
-
-    monkeypatch.setattr(SectorCache, "lookup", stalled_lookup)
-    monkeypatch.setattr(Session, "_answer", recorded_answer)
+    monkeypatch.setattr(session, "run", stalled_run)
 
     async def body() -> None:
         client = await stack.connect()

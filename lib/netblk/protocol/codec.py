@@ -1,18 +1,21 @@
 """Sans-IO netblk protocol: bytes in, events out (docs/protocol.md).
 
-``ServerConnection`` and ``ClientConnection`` hold no sockets and do no I/O;
-the server (storaged.server), the client library (storaged.client) and the
-tests feed them bytes and act on the events.  Everything the protocol says
-about validity lives here, so every shell enforces it the same way.
+``ServerConnection`` and ``ClientConnection`` hold no sockets, run no
+requests and do no I/O; storaged's sessions, tls-bridge, the client library
+(storaged.client) and the tests feed them bytes and act on the events.  The
+codec owns the HELLO and login state, the events and the client side.  A
+server's request frames are decoded and checked by the ``FrameScanner`` it
+gives its ``ServerConnection`` (storaged's engine: the one implementation of
+those rules), so every shell refuses the same frames the same way.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from netblk.protocol.constants import (
     BLOCK_SIZE,
@@ -36,50 +39,63 @@ from netblk.protocol.constants import (
 )
 from netblk.protocol.names import validate_export_name
 
-if TYPE_CHECKING:
-    from storaged._requests import Runner
-    from storaged.stats import RequestRecord
-
 NO_EXPORT_FLAGS = ExportFlag(0)
 
-#: Flags each opcode may carry; anything else is EINVAL.
-ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
-    Cmd.READ: CmdFlag(0),
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag(0),
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
-    Cmd.DISCONNECT: CmdFlag(0),
-}
-# Hot-path lookups: constructing an enum member by value is slow.
 _CMDS: dict[int, Cmd] = {int(cmd): cmd for cmd in Cmd}
-_ALLOWED_BITS: dict[Cmd, int] = {cmd: int(flags) for cmd, flags in ALLOWED_FLAGS.items()}
 _CMD_FLAGS: dict[int, CmdFlag] = {}
 
 
 def _cmd_flags(bits: int) -> CmdFlag:
-    """``CmdFlag(bits)`` for bits already checked against ALLOWED_FLAGS, memoized."""
+    """``CmdFlag(bits)`` memoized: constructing a flag by value is slow."""
     flags = _CMD_FLAGS.get(bits)
     if flags is None:
         flags = _CMD_FLAGS[bits] = CmdFlag(bits)
     return flags
 
 
-#: Opcodes that change data, refused with EPERM on a read-only export.
-MUTATING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
-#: Opcodes whose length addresses a range of the export.
-RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
-#: Each opcode needs the export to offer this, or it is ENOTSUP.
-REQUIRED_EXPORT_FLAG: dict[Cmd, ExportFlag] = {
-    Cmd.FLUSH: ExportFlag.SEND_FLUSH,
-    Cmd.TRIM: ExportFlag.SEND_TRIM,
-    Cmd.WRITE_ZEROES: ExportFlag.SEND_WRITE_ZEROES,
-}
-# Hot-path flag tests on plain ints: IntFlag's & runs Python code (enum.__and__).
-_REQUIRED_EXPORT_BITS: dict[Cmd, int] = {
-    cmd: int(flag) for cmd, flag in REQUIRED_EXPORT_FLAG.items()
-}
-_READ_ONLY_BIT = int(ExportFlag.READ_ONLY)
+class FrameKind(enum.IntEnum):
+    """What a request frame is, as a ``FrameScanner`` reports it."""
+
+    SHORT = 0  # not yet whole
+    REQUEST = 1  # valid
+    INVALID = 2  # well framed, to be refused with its error
+    DISCONNECT = 3
+    BROKEN = 4  # the stream is broken: close
+
+
+class ScannedFrame(NamedTuple):
+    """One request frame decoded and checked; it takes ``size`` bytes."""
+
+    kind: int
+    size: int
+    opcode: int
+    flags: int
+    handle: int
+    offset: int
+    length: int
+    error: int
+    reason: str
+
+
+class FrameScanner(Protocol):
+    """Decodes and checks request frames against an export (storaged's
+    engine, ``storaged._engine.Scanner``, is the implementation; the
+    codec holds the only state it needs: which handles are in flight).
+
+    ``scan`` decodes the frame at ``start`` of ``buffer`` without consuming
+    it and marks a REQUEST's or INVALID's handle in flight; ``answer``
+    encodes a reply header and ends its handle's flight."""
+
+    @property
+    def inflight(self) -> int: ...
+    def scan(
+        self, buffer: bytearray, start: int, /
+    ) -> tuple[int, int, int, int, int, int, int, int, str]: ...
+    def answer(self, handle: int, error: int, /) -> bytes: ...
+
+
+#: Makes the scanner for an export a client was admitted to.
+ScannerFactory = Callable[["ExportGeometry"], FrameScanner]
 
 
 class ProtocolError(Exception):
@@ -237,11 +253,9 @@ class _Buffer:
             self._pos = 0
         self._data += data
 
-    def run(self, runner: Runner, *args: Any) -> tuple[int, int]:
-        """Let ``runner`` consume frames at the front; (taken, payload)."""
-        consumed, taken, payload = runner.run(self._data, self._pos, *args)
-        self.skip(consumed)
-        return taken, payload
+    def front(self) -> tuple[bytearray, int]:
+        """The bytes received and where the unconsumed ones start."""
+        return self._data, self._pos
 
     def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
         """Decode the fixed header at the front, without consuming it."""
@@ -280,20 +294,31 @@ class ServerConnection:
     """Server side of one connection: one HELLO, then requests.
 
     After ``Hello`` the caller decides and calls ``accept`` (which returns the
-    reply to send and arms request validation) or ``refuse``.  Requests are
-    checked against the export here, so the engine only sees valid ones.
+    reply to send and makes the request scanner for the export) or
+    ``refuse``.  Request frames are decoded and checked by that scanner
+    (``scanner`` makes it: storaged's engine), so every shell refuses the
+    same frames the same way.  A shell that runs requests itself (storaged)
+    hands the scanner and the buffered bytes to its engine: ``frames``,
+    ``consume``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, scanner: ScannerFactory) -> None:
         self._buf = _Buffer()
         self._state = _State.AWAIT_HELLO
-        self._geometry: ExportGeometry | None = None
-        self._inflight: set[int] = set()
+        self._make_scanner = scanner
+        self._scanner: FrameScanner | None = None
+
+    @property
+    def scanner(self) -> FrameScanner:
+        """The accepted export's request scanner."""
+        if self._scanner is None:
+            raise RuntimeError("no export accepted yet")
+        return self._scanner
 
     @property
     def inflight(self) -> int:
-        """Requests handed out by ``next_event`` and not yet answered."""
-        return len(self._inflight)
+        """Requests handed out and not yet answered."""
+        return self._scanner.inflight if self._scanner is not None else 0
 
     @property
     def buffered(self) -> int:
@@ -304,11 +329,22 @@ class ServerConnection:
         """Feed bytes from the peer; ``b""`` means the peer closed."""
         self._buf.feed(data)
 
+    def frames(self) -> tuple[bytearray, int]:
+        """The receive buffer and where its unconsumed bytes start, for an
+        engine that takes request frames itself (then ``consume`` them)."""
+        if self._state is not _State.SERVING:
+            raise RuntimeError("requests before login")
+        return self._buf.front()
+
+    def consume(self, size: int) -> None:
+        """Drop ``size`` bytes an engine took from the front of ``frames``."""
+        self._buf.skip(size)
+
     def accept(self, geometry: ExportGeometry) -> bytes:
         """Admit the client to an export; returns the HELLO reply to send."""
         if self._state is not _State.AWAIT_LOGIN_DECISION:
             raise RuntimeError("accept() without a pending HELLO")
-        self._geometry = geometry
+        self._scanner = self._make_scanner(geometry)
         self._state = _State.SERVING
         return encode_hello_reply(
             HelloReply(
@@ -329,25 +365,7 @@ class ServerConnection:
 
     def send_reply(self, handle: int, error: Errno) -> bytes:
         """Answer a request (header only; a READ's data is sent after it)."""
-        self._inflight.discard(handle)
-        return encode_reply(handle, error)
-
-    def run_requests(
-        self,
-        runner: Runner,
-        room: int,
-        payload_room: int,
-        replies: list[bytes],
-        records: list[RequestRecord],
-    ) -> tuple[int, int]:
-        """Let ``runner`` run the requests at the front of the buffer, as
-        many as it takes while fewer than ``room`` and their payload adds
-        up to at most ``payload_room``; they are answered (in ``replies``)
-        as they run, so none stays in flight.  Returns (taken, payload);
-        ``next_event`` goes on from the first frame the runner left."""
-        if self._state is not _State.SERVING or len(self._buf) < REQUEST.size:
-            return 0, 0
-        return self._buf.run(runner, self._inflight, room, payload_room, replies, records)
+        return self.scanner.answer(handle, error)
 
     def next_event(self) -> ServerEvent | NeedData:
         """Parse the next event, or NEED_DATA.  Raises ProtocolError."""
@@ -400,65 +418,33 @@ class ServerConnection:
         return ProtocolError(reason, reply=self.refuse(status))
 
     def _next_request(self) -> Request | InvalidRequest | Disconnect | ConnectionClosed | NeedData:
-        assert self._geometry is not None
-        if len(self._buf) < REQUEST.size:
+        data, start = self._buf.front()
+        frame = ScannedFrame(*self.scanner.scan(data, start))
+        if frame.kind == FrameKind.SHORT:
             return self._closed_or_need_data()
-        magic, flags, opcode, handle, offset, length, reserved = self._buf.unpack(REQUEST.layout)
-        if magic != REQUEST_MAGIC:
+        if frame.kind == FrameKind.BROKEN:
             self._state = _State.CLOSED
-            raise ProtocolError(f"bad request magic {magic:#010x}")
-        has_payload = opcode == Cmd.WRITE
-        if has_payload and length > self._geometry.max_payload:
-            self._state = _State.CLOSED
-            raise ProtocolError(f"WRITE of {length} bytes exceeds max payload")
-        if has_payload and len(self._buf) < REQUEST.size + length:
-            return self._closed_or_need_data()
-        self._buf.skip(REQUEST.size)
-        data = self._buf.take(length) if has_payload else b""
-        if handle in self._inflight:
-            self._state = _State.CLOSED
-            raise ProtocolError(f"handle {handle:#x} is already in flight")
-        error, reason = _check_request(self._geometry, opcode, flags, offset, length, reserved)
-        if error is not Errno.OK:
-            self._inflight.add(handle)
-            return InvalidRequest(handle=handle, opcode=opcode, error=error, reason=reason)
-        cmd = _CMDS[opcode]
-        if cmd is Cmd.DISCONNECT:
+            raise ProtocolError(frame.reason)
+        self._buf.skip(frame.size - frame.length if frame.opcode == Cmd.WRITE else frame.size)
+        payload = self._buf.take(frame.length) if frame.opcode == Cmd.WRITE else b""
+        if frame.kind == FrameKind.INVALID:
+            return InvalidRequest(
+                handle=frame.handle,
+                opcode=frame.opcode,
+                error=Errno(frame.error),
+                reason=frame.reason,
+            )
+        if frame.kind == FrameKind.DISCONNECT:
             self._state = _State.DISCONNECTING
             return Disconnect()
-        self._inflight.add(handle)
-        return Request(cmd, _cmd_flags(flags), handle, offset, length, data)
-
-
-def _check_request(
-    geometry: ExportGeometry, opcode: int, flags: int, offset: int, length: int, reserved: int
-) -> tuple[Errno, str]:
-    """Why a well-framed request must be refused, as (errno, reason)."""
-    cmd = _CMDS.get(opcode)
-    if cmd is None:
-        return Errno.INVAL, f"unknown opcode {opcode}"
-    if reserved:
-        return Errno.INVAL, "non-zero reserved field"
-    if flags & ~_ALLOWED_BITS[cmd]:
-        return Errno.INVAL, f"flags {flags:#x} not valid for {cmd.name}"
-    export_flags = int(geometry.flags)
-    needed = _REQUIRED_EXPORT_BITS.get(cmd)
-    if needed is not None and not export_flags & needed:
-        return Errno.NOTSUP, f"export does not offer {cmd.name}"
-    if cmd in MUTATING and export_flags & _READ_ONLY_BIT:
-        return Errno.PERM, f"{cmd.name} on a read-only export"
-    if cmd not in RANGED:
-        if offset or length:
-            return Errno.INVAL, f"{cmd.name} with offset or length"
-        return Errno.OK, ""
-    if length == 0 or offset % BLOCK_SIZE or length % BLOCK_SIZE:
-        return Errno.INVAL, f"range {offset}+{length} is empty or not {BLOCK_SIZE}-aligned"
-    if cmd is Cmd.READ and length > geometry.max_payload:
-        return Errno.OVERFLOW, f"READ of {length} bytes exceeds max payload"
-    if offset + length > geometry.size:
-        beyond = Errno.NOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.INVAL
-        return beyond, f"range {offset}+{length} beyond export size {geometry.size}"
-    return Errno.OK, ""
+        return Request(
+            _CMDS[frame.opcode],
+            _cmd_flags(frame.flags),
+            frame.handle,
+            frame.offset,
+            frame.length,
+            payload,
+        )
 
 
 class ClientConnection:

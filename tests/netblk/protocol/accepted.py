@@ -1,9 +1,19 @@
-"""A server codec past its HELLO, where protocol tests start."""
+"""A server codec past its HELLO, where protocol tests start.
+
+The codec takes its request scanner from the server that uses it; these
+tests give it storaged's engine, the scanner storaged runs."""
 
 from __future__ import annotations
 
-from netblk.protocol.codec import ExportGeometry, Hello, ServerConnection, encode_hello
+from netblk.protocol.codec import (
+    ExportGeometry,
+    Hello,
+    ScannerFactory,
+    ServerConnection,
+    encode_hello,
+)
 from netblk.protocol.constants import ExportFlag
+from storaged.session import scanner_for
 
 TOKEN = b"t" * 32
 #: Every optional operation offered.
@@ -15,9 +25,9 @@ ALL_FLAGS = (
 )
 
 
-def accepted(geometry: ExportGeometry) -> ServerConnection:
+def accepted(geometry: ExportGeometry, scanner: ScannerFactory = scanner_for) -> ServerConnection:
     """A codec that took a client's HELLO for export "data" and accepted it."""
-    conn = ServerConnection()
+    conn = ServerConnection(scanner)
     conn.receive_data(encode_hello("data", TOKEN))
     assert conn.next_event() == Hello(version=1, export="data", token=TOKEN)
     conn.accept(geometry)

@@ -36,6 +36,7 @@ from netblk.protocol.constants import (
     ExportFlag,
     LoginStatus,
 )
+from storaged.session import scanner_for
 from tests.netblk.protocol.accepted import ALL_FLAGS, TOKEN, accepted
 
 SIZE = 1 << 20
@@ -56,7 +57,7 @@ def feed(conn: ServerConnection, data: bytes) -> list[object]:
 
 
 def test_hello_and_accept_reply() -> None:
-    conn = ServerConnection()
+    conn = ServerConnection(scanner_for)
     conn.receive_data(encode_hello("data", TOKEN)[:10])
     assert conn.next_event() is NEED_DATA
     conn.receive_data(encode_hello("data", TOKEN)[10:])
@@ -81,7 +82,7 @@ def test_hello_and_accept_reply() -> None:
     ],
 )
 def test_bad_hello_is_answered_then_fatal(frame: bytes, status: LoginStatus) -> None:
-    conn = ServerConnection()
+    conn = ServerConnection(scanner_for)
     conn.receive_data(frame)
     with pytest.raises(ProtocolError) as caught:
         conn.next_event()
@@ -89,7 +90,7 @@ def test_bad_hello_is_answered_then_fatal(frame: bytes, status: LoginStatus) -> 
 
 
 def test_bad_hello_magic_closes_without_reply() -> None:
-    conn = ServerConnection()
+    conn = ServerConnection(scanner_for)
     conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     with pytest.raises(ProtocolError, match="magic") as caught:
         conn.next_event()
@@ -271,7 +272,7 @@ def drain(conn: ServerConnection) -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=4096), st.integers(min_value=1, max_value=64))
 def test_fuzz_server_never_fails_except_with_protocol_error(blob: bytes, chunk: int) -> None:
-    conn = ServerConnection()
+    conn = ServerConnection(scanner_for)
     try:
         for i in range(0, len(blob), chunk):
             conn.receive_data(blob[i : i + chunk])
