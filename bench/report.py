@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -244,7 +245,7 @@ def ab_table(results: Path, old: str) -> str:
     """Markdown: each profile's runs of the new and old netblk, in the order
     they ran, the medians' ratio and whether the two sets of runs overlap
     (a difference inside the runs' spread is not a difference)."""
-    new = git_revision()
+    new = json.loads((results / "host.json").read_text())["git"]  # as the run began
     lines = [
         f"| profile | new ({new}) | old ({old}) | new / old (medians) | beyond the spread |",
         "|---|---:|---:|---:|---|",
@@ -266,8 +267,7 @@ def ab_table(results: Path, old: str) -> str:
             verdict = "faster"
         else:
             verdict = "no"
-        median_new = sorted(runs["new"])[len(runs["new"]) // 2]
-        median_old = sorted(runs["old"])[len(runs["old"]) // 2]
+        median_new, median_old = statistics.median(runs["new"]), statistics.median(runs["old"])
         lines.append(
             f"| {profile.title} | {' / '.join(f'{v:,.0f}' for v in runs['new'])} {unit} "
             f"| {' / '.join(f'{v:,.0f}' for v in runs['old'])} "
