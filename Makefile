@@ -43,9 +43,10 @@ kmod-check: deps
 
 # storaged's engine must build warning-free with -Wall -Wextra (the flags the
 # package build uses, here as errors).
-ENGINE_CFLAGS := -Wall -Wextra -Werror -fPIC -O2 -fsyntax-only \
-	$(shell $(BIN)/python -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
-	-Ikmod/include/uapi
+ENGINE_CFLAGS := -Wall -Wextra -Werror -fPIC -O2 -fsyntax-only -Ikmod/include/uapi
 engine-check: deps
-	@for source in storaged/engine/*.c; do $(CC) $(ENGINE_CFLAGS) $$source || exit 1; done
+	@include=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	for source in storaged/engine/*.c; do \
+		$(CC) $(ENGINE_CFLAGS) -I"$$include" $$source || exit 1; \
+	done
 	@echo "engine: warning-free with -Wall -Wextra ($$(ls storaged/engine/*.c | wc -l) files)"
