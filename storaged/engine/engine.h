@@ -10,6 +10,7 @@
  *   xts.c         AES-XTS with dm-crypt's plain64 tweaks, the Key type
  *   store.c       the store interface's Python face, the Store base type
  *   store_file.c  the file store: pread/pwrite, fdatasync, punched holes
+ *   store_rbd.c   the RBD store: librbd's aio calls, managed locks
  *   volume.c      a LUKS2 data segment on a store, the Volume type
  *   stats.c       request counters and latency histograms, Counters
  *   module.c      the module and its types
@@ -186,6 +187,10 @@ void eng_store_run(struct eng_store *store, struct eng_io *ios,
 /* ---- store_file.c ----------------------------------------------------- */
 
 extern PyTypeObject eng_file_store_type;
+
+/* ---- store_rbd.c ------------------------------------------------------ */
+
+extern PyTypeObject eng_rbd_store_type;
 
 /* ---- volume.c --------------------------------------------------------- */
 

@@ -27,6 +27,7 @@ static struct PyModuleDef engine_module = {
 
 static PyTypeObject *const engine_types[] = {
 	&eng_key_type, &eng_store_type, &eng_file_store_type,
+	&eng_rbd_store_type,
 	&eng_volume_type, &eng_scanner_type, &eng_counters_type,
 };
 

@@ -43,8 +43,14 @@ void eng_store_run(struct eng_store *store, struct eng_io *ios, size_t count)
 
 static void store_dealloc(EngStore *self)
 {
-	if (self->store)
-		self->store->ops->release(self->store);
+	struct eng_store *store = self->store;
+
+	/* closing may wait for the cluster (an image's last flush) */
+	if (store) {
+		Py_BEGIN_ALLOW_THREADS
+		store->ops->release(store);
+		Py_END_ALLOW_THREADS
+	}
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -110,8 +116,81 @@ static PyObject *store_flush(EngStore *self, PyObject *Py_UNUSED(unused))
 	Py_RETURN_NONE;
 }
 
+/* Run one @io on @self's store without the GIL; 0, or -1 with OSError. */
+static int store_one(EngStore *self, struct eng_io *io)
+{
+	struct eng_store *store = store_of(self);
+
+	if (!store)
+		return -1;
+	Py_BEGIN_ALLOW_THREADS
+	eng_store_run(store, io, 1);
+	Py_END_ALLOW_THREADS
+	if (!io->error)
+		return 0;
+	errno = io->error;
+	PyErr_SetFromErrno(PyExc_OSError);
+	return -1;
+}
+
+PyDoc_STRVAR(store_pread_doc,
+"pread(offset, length, /) -> bytes\n\n"
+"The store's bytes as they lie (a LUKS2 header, ciphertext); past the end\n"
+"reads zeros.");
+
+static PyObject *store_pread(EngStore *self, PyObject *args)
+{
+	struct eng_io io = { .op = ENG_IO_READ };
+	unsigned long long offset;
+	Py_ssize_t length;
+	PyObject *data;
+
+	if (!PyArg_ParseTuple(args, "Kn:pread", &offset, &length))
+		return NULL;
+	if (length < 0) {
+		PyErr_SetString(PyExc_ValueError, "negative length");
+		return NULL;
+	}
+	data = PyBytes_FromStringAndSize(NULL, length);
+	if (!data)
+		return NULL;
+	io.offset = offset;
+	io.length = (uint64_t)length;
+	io.buf = (unsigned char *)PyBytes_AS_STRING(data);
+	if (store_one(self, &io))
+		Py_CLEAR(data);
+	return data;
+}
+
+PyDoc_STRVAR(store_pwrite_doc,
+"pwrite(offset, data, /) -> None\n\n"
+"Write data as it is at offset (a LUKS2 header); not durable until\n"
+"flush().");
+
+static PyObject *store_pwrite(EngStore *self, PyObject *args)
+{
+	struct eng_io io = { .op = ENG_IO_WRITE };
+	unsigned long long offset;
+	Py_buffer data;
+	int failed;
+
+	if (!PyArg_ParseTuple(args, "Ky*:pwrite", &offset, &data))
+		return NULL;
+	io.offset = offset;
+	io.length = (uint64_t)data.len;
+	io.buf = data.buf;
+	failed = store_one(self, &io);
+	PyBuffer_Release(&data);
+	if (failed)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
 static PyMethodDef store_methods[] = {
 	{ "flush", (PyCFunction)store_flush, METH_NOARGS, store_flush_doc },
+	{ "pread", (PyCFunction)store_pread, METH_VARARGS, store_pread_doc },
+	{ "pwrite", (PyCFunction)store_pwrite, METH_VARARGS,
+	  store_pwrite_doc },
 	{ NULL },
 };
 

@@ -60,9 +60,27 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class RbdImage:
+    """A volume in a Ceph RBD image, and how to reach it (cephx)."""
+
+    pool: str
+    image: str
+    conf: Path
+    client: str
+    keyring: Path | None = None
+
+    def __str__(self) -> str:
+        return f"rbd:{self.pool}/{self.image}"
+
+
+#: Where an export's LUKS2 volume lives: a file (or block device), or an image.
+Location = Path | RbdImage
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     name: str
-    volume: Path
+    volume: Location
     passphrase_file: Path | None
     passphrase_env: str | None
     access: Mapping[str, Access]
@@ -233,6 +251,29 @@ def _parse_clients(table: Table) -> dict[str, ClientConfig]:
     return clients
 
 
+def _parse_location(entry: Table, base: Path) -> Location:
+    """``volume = "path"`` or ``rbd = { pool, image, conf, client, keyring }``."""
+    if ("volume" in entry.data) == ("rbd" in entry.data):
+        raise ConfigError(f"{entry.where}: set exactly one of volume or rbd")
+    if "volume" in entry.data:
+        path: str = entry.require("volume", str)
+        return (base / path).resolve()
+    rbd = entry.table("rbd")
+    keyring = rbd.get("keyring", str)
+    location = RbdImage(
+        pool=rbd.require("pool", str),
+        image=rbd.require("image", str),
+        conf=(base / rbd.get("conf", str, "/etc/ceph/ceph.conf")).resolve(),
+        client=rbd.require("client", str).removeprefix("client."),
+        keyring=(base / keyring).resolve() if keyring else None,
+    )
+    for key in ("pool", "image", "client"):
+        if not getattr(location, key):
+            raise ConfigError(f"{rbd.key(key)}: must not be empty")
+    rbd.finish()
+    return location
+
+
 def _parse_exports(
     table: Table, clients: Mapping[str, ClientConfig], base: Path
 ) -> dict[str, ExportConfig]:
@@ -243,7 +284,7 @@ def _parse_exports(
         except ValueError as exc:
             raise ConfigError(f"exports.{name}: {exc}") from None
         entry = table.table(name)
-        volume = (base / entry.require("volume", str)).resolve()
+        volume = _parse_location(entry, base)
         pass_file = entry.get("passphrase_file", str)
         pass_env = entry.get("passphrase_env", str)
         if (pass_file is None) == (pass_env is None):

@@ -116,7 +116,7 @@ class StorageServer:
                 extra={
                     "event": "export_ready",
                     "export": export.name,
-                    "volume": str(export.volume.path),
+                    "volume": str(export.volume.location),
                     "size": export.volume.size,
                 },
             )
@@ -219,7 +219,7 @@ class StorageServer:
         snap = self.stats.snapshot()
         snap["volumes"] = {
             name: {
-                "path": str(e.volume.path),
+                "path": str(e.volume.location),
                 "size": e.volume.size,
                 "syncs": e.volume.engine.store.syncs,
             }

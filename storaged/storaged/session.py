@@ -354,7 +354,7 @@ class Session:
                     logging.ERROR,
                     "storage I/O failed",
                     "io_error",
-                    volume=str(self._serving.export.volume.path) if self._serving else None,
+                    volume=str(self._serving.export.volume.location) if self._serving else None,
                     op=op,
                     offset=offset,
                     length=length,

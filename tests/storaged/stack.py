@@ -28,6 +28,9 @@ from storaged import luks2
 from storaged.client import NetblkClient
 from storaged.config import load_config
 from storaged.server import StorageServer
+from tests.ceph_cluster import CLIENT as CEPH_CLIENT
+from tests.ceph_cluster import POOL as CEPH_POOL
+from tests.ceph_cluster import MiniCluster
 from tests.pki_fixtures import PkiFiles
 
 T = TypeVar("T")
@@ -57,6 +60,9 @@ class Stack:
     tokens: dict[str, str] = field(default_factory=dict)
     extra_config: str = ""
     volume_size: int = VOLUME_SIZE
+    #: Serve every export from an RBD image in this cluster instead of a file
+    #: (each volume file is made, then ``rbd import``ed: the migration path).
+    ceph: MiniCluster | None = None
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,13 @@ class Stack:
             luks2.format_volume(
                 self.volume_path(export), self.volume_size, PASSPHRASE, luks2.TEST_KDF_PARAMS
             )
+            if self.ceph is not None:
+                self.ceph.rbd("import", str(self.volume_path(export)), self.image(export))
         self.config_path.write_text(self.render_config())
+
+    def image(self, export: str) -> str:
+        """The RBD image (pool/name) of ``export`` when served from Ceph."""
+        return f"{CEPH_POOL}/{export}-{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -98,14 +110,19 @@ class Stack:
         for client, token in self.tokens.items():
             lines += [f"[clients.{client}]", f'token_hash = "{hash_token(token)}"']
         for export, access in EXPORTS.items():
-            lines += [
-                f"[exports.{export}]",
-                f'volume = "{self.volume_path(export)}"',
-                'passphrase_file = "volume.pass"',
-                f"[exports.{export}.access]",
-            ]
+            lines += [f"[exports.{export}]", *self._location(export)]
+            lines += ['passphrase_file = "volume.pass"', f"[exports.{export}.access]"]
             lines += [f'{client} = "{right}"' for client, right in access.items()]
         return "\n".join(lines) + "\n" + self.extra_config
+
+    def _location(self, export: str) -> list[str]:
+        if self.ceph is None:
+            return [f'volume = "{self.volume_path(export)}"']
+        pool, image = self.image(export).split("/")
+        return [
+            f'rbd = {{ pool = "{pool}", image = "{image}", conf = "{self.ceph.conf}", '
+            f'client = "{CEPH_CLIENT}", keyring = "{self.ceph.keyring()}" }}'
+        ]
 
     def client_tls(self, client: str = "alice") -> tuple[Path, Path]:
         return getattr(self.pki, f"{client}_cert"), getattr(self.pki, f"{client}_key")

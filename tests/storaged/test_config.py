@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from netblk.tomlconf import ConfigError
-from storaged.config import Access, load_config, parse_size
+from storaged.config import Access, RbdImage, load_config, parse_size
 
 HASH = "$argon2id$v=19$m=65536,t=3,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
 BASE = f"""
@@ -52,6 +52,23 @@ def test_full_config_loads_with_paths_relative_to_the_file(tmp_path: Path) -> No
     assert config.clients["alice"].token_hash == HASH
 
 
+def test_an_export_on_an_rbd_image(tmp_path: Path) -> None:
+    text = BASE.replace(
+        'volume = "data.luks"',
+        'rbd = { pool = "netblk", image = "data", client = "client.storaged",'
+        ' keyring = "ceph/keyring" }',
+    )
+    volume = load_config(write(tmp_path, text)).exports["data"].volume
+    assert volume == RbdImage(
+        pool="netblk",
+        image="data",
+        conf=Path("/etc/ceph/ceph.conf"),
+        client="storaged",
+        keyring=tmp_path / "ceph" / "keyring",
+    )
+    assert str(volume) == "rbd:netblk/data"
+
+
 def test_kernel_tls_can_be_turned_off(tmp_path: Path) -> None:
     text = BASE.replace('ca = "ca.crt"', 'ca = "ca.crt"\nkernel_tls = false')
     assert not load_config(write(tmp_path, text)).tls.kernel_tls
@@ -84,6 +101,20 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
         (("[server]", "[server]\nmax_inflight = 0"), "server.max_inflight: must be positive"),
         (("[server]", '[server]\nmax_payload = "2MiB"'), "server.max_payload: must be"),
         (("[server]", "[server]\nmax_inflight_bytes = 4096"), "server.max_inflight_bytes"),
+        (('volume = "data.luks"', ""), "exports.data: set exactly one of volume or rbd"),
+        (
+            ('volume = "data.luks"', 'volume = "data.luks"\nrbd = { pool = "p" }'),
+            "exports.data: set exactly one of volume or rbd",
+        ),
+        (('volume = "data.luks"', 'rbd = { pool = "p", image = "i" }'), "exports.data.rbd.client"),
+        (
+            ('volume = "data.luks"', 'rbd = { pool = "", image = "i", client = "c" }'),
+            "exports.data.rbd.pool: must not be empty",
+        ),
+        (
+            ('volume = "data.luks"', 'rbd = { pool = "p", image = "i", client = "c", x = 1 }'),
+            "exports.data.rbd.x: unknown setting",
+        ),
     ],
 )
 def test_mistakes_name_their_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:

@@ -1,0 +1,141 @@
+"""Exports on Ceph RBD images (storaged/engine/store_rbd.c): the same
+requests mean the same as on a file, against a mini cluster on 127.0.0.1,
+and the cluster only ever holds ciphertext."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netblk.protocol.constants import BLOCK_SIZE
+from storaged import luks2
+from storaged._engine import RbdStore
+from storaged.config import RbdImage, load_config
+from storaged.volume import Volume
+from tests.ceph_cluster import CLIENT, MiniCluster, mini_cluster
+from tests.pki_fixtures import PkiFiles
+from tests.storaged.stack import PASSPHRASE, Stack, run, serving
+
+pytestmark = pytest.mark.ceph
+
+#: A marker no ciphertext holds by chance: found in the image, it is plaintext.
+MARKER = b"netblk plaintext marker, never on the cluster "
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniCluster]:
+    with mini_cluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def rbd_stack(pki: PkiFiles, tmp_path: Path, ceph: MiniCluster) -> Stack:
+    return Stack(pki=pki, root=tmp_path / "stack", ceph=ceph, volume_size=16 << 20)
+
+
+def test_an_rbd_export_is_configured_by_pool_image_and_cephx_user(rbd_stack: Stack) -> None:
+    config = load_config(rbd_stack.config_path)
+    location = config.exports["data"].volume
+    assert isinstance(location, RbdImage)
+    assert f"{location.pool}/{location.image}" == rbd_stack.image("data")
+    assert location.client == CLIENT
+    assert str(location) == f"rbd:{rbd_stack.image('data')}"
+
+
+def test_random_io_on_an_rbd_export_reads_back_as_a_model_says(rbd_stack: Stack) -> None:
+    """Random writes (some FUA), reads, TRIMs and WRITE_ZEROES of every kind,
+    each read checked against a byte model; a 4 KiB TRIM reads back zeros."""
+    size = rbd_stack.volume_size
+    blocks = size // BLOCK_SIZE
+    model = bytearray(size)
+    rng = random.Random(22)
+
+    async def body() -> None:
+        async with serving(rbd_stack), await rbd_stack.connect() as client:
+            assert client.info.size == size
+            for step in range(300):
+                first = rng.randrange(blocks)
+                count = rng.randint(1, min(16, blocks - first))
+                offset, length = first * BLOCK_SIZE, count * BLOCK_SIZE
+                action = rng.choice(["write", "write", "read", "read", "trim", "zero", "zero_nh"])
+                if action == "write":
+                    data = MARKER * (length // len(MARKER)) + bytes(length % len(MARKER))
+                    data = bytes(b ^ (step & 0xFF) for b in data) if step % 2 else data
+                    await client.write(offset, data, fua=rng.random() < 0.2)
+                    model[offset : offset + length] = data
+                elif action == "read":
+                    assert await client.read(offset, length) == model[offset : offset + length]
+                elif action == "trim":
+                    await client.trim(offset, length, fua=rng.random() < 0.2)
+                    model[offset : offset + length] = bytes(length)
+                else:
+                    await client.write_zeroes(offset, length, no_hole=action == "zero_nh")
+                    model[offset : offset + length] = bytes(length)
+                if step % 50 == 49:
+                    await client.flush()
+            # the trap: a discard smaller than an object must not keep the data
+            await client.write(
+                0, MARKER * (BLOCK_SIZE // len(MARKER)) + bytes(BLOCK_SIZE % len(MARKER))
+            )
+            await client.trim(0, BLOCK_SIZE)
+            model[0:BLOCK_SIZE] = bytes(BLOCK_SIZE)
+            assert await client.read(0, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+            for start in range(0, size, 1 << 20):
+                assert await client.read(start, 1 << 20) == model[start : start + (1 << 20)]
+
+    run(body())
+
+
+def test_the_image_holds_only_ciphertext_and_cryptsetup_reads_it(
+    rbd_stack: Stack, tmp_path: Path
+) -> None:
+    async def body() -> None:
+        async with serving(rbd_stack), await rbd_stack.connect() as client:
+            await client.write(BLOCK_SIZE, MARKER * 2048, fua=True)
+
+    run(body())
+    exported = tmp_path / "exported.img"
+    assert rbd_stack.ceph is not None
+    rbd_stack.ceph.rbd("export", rbd_stack.image("data"), str(exported))
+    raw = exported.read_bytes()
+    assert MARKER not in raw
+    # what the image holds is the volume storaged serves: open it as a file
+    volume = Volume.open(exported, PASSPHRASE, read_only=True)
+    assert volume.size == rbd_stack.volume_size
+    assert luks2.read_info(exported).data_size == rbd_stack.volume_size
+
+
+def test_the_managed_lock_is_exclusive_and_breaking_it_fences_the_owner(
+    ceph: MiniCluster, tmp_path: Path
+) -> None:
+    """Ceph's fencing, as the standby will use it: a second client cannot
+    take the lock, breaks it, and the first one's writes then fail."""
+    image = f"lock-{os.getpid()}"
+    ceph.rbd("create", "--size", "16M", f"netblk/{image}")
+
+    def open_image() -> RbdStore:
+        return RbdStore(
+            "netblk",
+            image,
+            conf=str(ceph.conf),
+            client=CLIENT,
+            keyring=str(ceph.keyring()),
+            writable=True,
+        )
+
+    active, standby = open_image(), open_image()
+    assert active.lock()
+    active.pwrite(0, b"a" * BLOCK_SIZE)
+    assert not standby.lock()
+    (owner,) = standby.lock_owners()
+    standby.break_lock(owner)
+    assert standby.lock()
+    standby.pwrite(0, b"b" * BLOCK_SIZE)
+    with pytest.raises(OSError):
+        active.pwrite(0, b"c" * BLOCK_SIZE)
+        active.flush()
+    assert standby.pread(0, BLOCK_SIZE) == b"b" * BLOCK_SIZE
