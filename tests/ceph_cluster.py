@@ -45,6 +45,8 @@ osd pool default pg autoscale mode = off
 mon allow pool size one = false
 mon warn on pool no redundancy = false
 mon osd down out interval = 0
+osd heartbeat interval = 1
+osd heartbeat grace = 5
 run dir = {dir}/run
 admin socket = {dir}/run/$name.asok
 log file = {dir}/log/$name.log
@@ -107,7 +109,7 @@ class MiniCluster:
         self._manager()
         for _ in range(OSDS):
             self._osd()
-        self._wait_healthy()
+        self.wait_healthy()
         self.ceph("osd", "pool", "create", POOL, "32")
         self.rbd("pool", "init", POOL)
         self.ceph(
@@ -123,7 +125,7 @@ class MiniCluster:
             "-o",
             str(self.keyring()),
         )
-        self._wait_healthy()
+        self.wait_healthy()
         return self
 
     def _daemon(self, name: str, argv: list[str | Path]) -> None:
@@ -238,7 +240,7 @@ class MiniCluster:
         """kill -9 one OSD (it stays down until ``start_osd``)."""
         os.kill(self.pids.pop(f"osd.{osd_id}"), signal.SIGKILL)
 
-    def _wait_healthy(self) -> None:
+    def wait_healthy(self) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline:
             with contextlib.suppress(RuntimeError, json.JSONDecodeError):
