@@ -62,6 +62,8 @@ struct exec_batch {
 	struct eng_frame last;	/* the frame that stopped it */
 	PyObject *reply;	/* bytes */
 	size_t reply_size;
+	bool decrypts;		/* a READ: needs the decrypting context */
+	bool encrypts;		/* a WRITE, or zeros kept allocated */
 	double began;
 };
 
@@ -151,8 +153,9 @@ undo:
 	return -1;
 }
 
-/* Lay out the reply and the store operations of @b's requests.  Returns
- * 0, or -1 with an exception set. */
+/* Lay out the reply and the store operations of @b's requests, and note
+ * which cipher contexts they need.  Returns 0, or -1 with an exception
+ * set. */
 static int exec_prepare(struct exec_batch *b)
 {
 	EngVolume *volume = b->volume;
@@ -181,6 +184,10 @@ static int exec_prepare(struct exec_batch *b)
 		req->error = f->error;
 		if (f->kind != ENG_FRAME_REQUEST)
 			continue;
+		b->decrypts |= f->opcode == NETBLK_CMD_READ;
+		b->encrypts |= f->opcode == NETBLK_CMD_WRITE ||
+			       (f->opcode == NETBLK_CMD_WRITE_ZEROES &&
+				f->flags & NETBLK_CMD_FLAG_NO_HOLE);
 		io->offset = volume->data_offset + f->offset;
 		io->length = f->length;
 		switch (f->opcode) {
@@ -337,16 +344,22 @@ static int exec_answer(struct exec_batch *b)
 }
 
 /* A note for the log: (event, handle, opcode, offset, length, error,
- * reason). */
-static int exec_note(PyObject *notes, const char *event,
-		     const struct eng_frame *f, uint32_t error,
-		     const char *reason)
+ * reason); NULL with an exception set. */
+static PyObject *exec_note(const char *event, const struct eng_frame *f,
+			   uint32_t error, const char *reason)
 {
-	PyObject *note = Py_BuildValue("(sKHKIIs)", event,
-				       (unsigned long long)f->handle,
-				       f->opcode,
-				       (unsigned long long)f->offset,
-				       f->length, error, reason);
+	return Py_BuildValue("(sKHKIIs)", event,
+			     (unsigned long long)f->handle, f->opcode,
+			     (unsigned long long)f->offset, f->length, error,
+			     reason);
+}
+
+/* Append exec_note()'s note to @notes; 0, or -1 with an exception set. */
+static int exec_add_note(PyObject *notes, const char *event,
+			 const struct eng_frame *f, uint32_t error,
+			 const char *reason)
+{
+	PyObject *note = exec_note(event, f, error, reason);
 	int err;
 
 	if (!note)
@@ -370,7 +383,7 @@ static PyObject *exec_settle(struct exec_batch *b, double seconds)
 		eng_handles_remove(&b->scanner->inflight, f->handle);
 		if (f->kind == ENG_FRAME_INVALID) {
 			eng_count_refusal(&b->counters->counts);
-			if (notes && exec_note(notes, "refused", f, req->error,
+			if (notes && exec_add_note(notes, "refused", f, req->error,
 					       f->reason))
 				Py_CLEAR(notes);
 			continue;
@@ -378,7 +391,7 @@ static PyObject *exec_settle(struct exec_batch *b, double seconds)
 		eng_count_request(&b->counters->counts, f->opcode, f->length,
 				  req->error, seconds);
 		if (req->io_error && notes &&
-		    exec_note(notes, "io_error", f, req->error,
+		    exec_add_note(notes, "io_error", f, req->error,
 			      strerror(req->io_error)))
 			Py_CLEAR(notes);
 	}
@@ -435,7 +448,7 @@ PyObject *eng_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
 {
 	struct exec_batch b = { 0 };
 	EVP_CIPHER_CTX *enc = NULL, *dec = NULL;
-	bool cipher_failed = false, reads = false, writes = false;
+	bool cipher_failed = false;
 	PyObject *notes = NULL, *detail, *result = NULL;
 	Py_ssize_t start, room, payload_room;
 	Py_buffer held;
@@ -485,18 +498,8 @@ PyObject *eng_run(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
 		goto free_reqs;
 	if (exec_prepare(&b))
 		goto settle;
-	for (i = 0; i < b.count; i++) {
-		const struct eng_frame *f = &b.reqs[i].frame;
-
-		if (f->kind != ENG_FRAME_REQUEST)
-			continue;
-		reads |= f->opcode == NETBLK_CMD_READ;
-		writes |= f->opcode == NETBLK_CMD_WRITE ||
-			  (f->opcode == NETBLK_CMD_WRITE_ZEROES &&
-			   f->flags & NETBLK_CMD_FLAG_NO_HOLE);
-	}
-	if ((writes && !(enc = eng_key_take(b.volume->key, 1))) ||
-	    (reads && !(dec = eng_key_take(b.volume->key, 0))))
+	if ((b.encrypts && !(enc = eng_key_take(b.volume->key, 1))) ||
+	    (b.decrypts && !(dec = eng_key_take(b.volume->key, 0))))
 		goto put_keys;
 	Py_BEGIN_ALLOW_THREADS
 	exec_io(&b, enc, dec, &cipher_failed);
@@ -585,9 +588,7 @@ PyObject *eng_flush(PyObject *Py_UNUSED(module), PyObject *const *args,
 		return NULL;
 	if (!io.error)
 		return Py_BuildValue("(NO)", reply, Py_None);
-	note = Py_BuildValue("(sKHKIIs)", "io_error",
-			     (unsigned long long)frame.handle, frame.opcode,
-			     0ull, 0u, error, strerror(io.error));
+	note = exec_note("io_error", &frame, error, strerror(io.error));
 	if (!note) {
 		Py_DECREF(reply);
 		return NULL;

@@ -6,15 +6,6 @@
  */
 #include "engine.h"
 
-static const char *const stats_keys[ENG_OPCODES] = {
-	[NETBLK_CMD_READ] = "read",
-	[NETBLK_CMD_WRITE] = "write",
-	[NETBLK_CMD_FLUSH] = "flush",
-	[NETBLK_CMD_TRIM] = "trim",
-	[NETBLK_CMD_WRITE_ZEROES] = "write_zeroes",
-	[NETBLK_CMD_DISCONNECT] = "disconnect",
-};
-
 /**
  * eng_count_request - count one answered request
  * @counts: its pair's counters
@@ -107,11 +98,13 @@ static int counters_put(PyObject *dict, const char *key, uint64_t value)
 
 PyDoc_STRVAR(counters_snapshot_doc,
 "snapshot() -> dict\n\n"
-"{'requests': {op: count, ..., 'refused': count}, 'bytes_read': n,\n"
+"{'requests': {opcode: count}, 'refused': n, 'bytes_read': n,\n"
 " 'bytes_written': n, 'errors': n, 'latency': {'buckets': [...],\n"
-" 'count': n, 'total_us': n, 'max_us': n}}; bucket i counts latencies in\n"
-"[2**i, 2**(i+1)) microseconds, the last one everything above.  Ops never\n"
-"seen are left out.");
+" 'count': n, 'total_us': n, 'max_us': n}}; requests counts answered\n"
+"requests by their NETBLK_CMD_* opcode (ones never seen are left out),\n"
+"refused those refused before reaching the store; bucket i counts\n"
+"latencies in [2**i, 2**(i+1)) microseconds, the last one everything\n"
+"above.");
 
 static PyObject *counters_snapshot(EngCounters *self, PyObject *Py_UNUSED(unused))
 {
@@ -128,12 +121,20 @@ static PyObject *counters_snapshot(EngCounters *self, PyObject *Py_UNUSED(unused
 	buckets = PyList_New(ENG_LATENCY_BUCKETS);
 	if (!requests || !latency || !buckets)
 		goto fail;
-	for (i = 0; i < ENG_OPCODES; i++)
-		if (c.requests[i] &&
-		    counters_put(requests, stats_keys[i], c.requests[i]))
+	for (i = 0; i < ENG_OPCODES; i++) {
+		PyObject *op, *count;
+		int err;
+
+		if (!c.requests[i])
+			continue;
+		op = PyLong_FromLong(i);
+		count = PyLong_FromUnsignedLongLong(c.requests[i]);
+		err = !op || !count || PyDict_SetItem(requests, op, count);
+		Py_XDECREF(op);
+		Py_XDECREF(count);
+		if (err)
 			goto fail;
-	if (c.refused && counters_put(requests, "refused", c.refused))
-		goto fail;
+	}
 	for (i = 0; i < ENG_LATENCY_BUCKETS; i++) {
 		PyObject *count = PyLong_FromUnsignedLongLong(c.latency[i]);
 
@@ -146,6 +147,7 @@ static PyObject *counters_snapshot(EngCounters *self, PyObject *Py_UNUSED(unused
 	    counters_put(latency, "total_us", c.total_us) ||
 	    counters_put(latency, "max_us", c.max_us) ||
 	    PyDict_SetItemString(snap, "requests", requests) ||
+	    counters_put(snap, "refused", c.refused) ||
 	    counters_put(snap, "bytes_read", c.bytes_read) ||
 	    counters_put(snap, "bytes_written", c.bytes_written) ||
 	    counters_put(snap, "errors", c.errors) ||

@@ -153,9 +153,10 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
 def _cache_notices(cache: Table) -> tuple[str, ...]:
     """``[cache] size`` still parses, so configs that set it keep working,
     but storaged keeps no plaintext cache any more (docs/performance.md)."""
-    if cache.get("size", (int, str)) is None:
+    size = cache.get("size", (int, str))
+    if size is None:
         return ()
-    parse_size(cache.get("size", (int, str)), "cache.size")
+    parse_size(size, "cache.size")
     return (
         "cache.size is ignored: storaged keeps no cache of decrypted sectors "
         "(the page cache holds the ciphertext; docs/performance.md)",

@@ -14,7 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from netblk.protocol.constants import Cmd
 from storaged._engine import LATENCY_BUCKETS, Counters
+
+#: What operators read a request's count under: its opcode's name.
+_OP_KEYS = {int(cmd): cmd.name.lower() for cmd in Cmd}
 
 
 @dataclass
@@ -73,8 +77,11 @@ class IoCounters:
         """What the engine has counted into ``counters`` so far."""
         snap = counters.snapshot()
         latency = snap["latency"]
+        requests = Counter({_OP_KEYS[op]: count for op, count in snap["requests"].items()})
+        if snap["refused"]:
+            requests["refused"] = snap["refused"]
         return cls(
-            requests=Counter(snap["requests"]),
+            requests=requests,
             bytes_read=snap["bytes_read"],
             bytes_written=snap["bytes_written"],
             errors=snap["errors"],

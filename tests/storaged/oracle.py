@@ -238,14 +238,15 @@ class VolumeOracle:
 class CountsOracle:
     """What ``Counters.snapshot()`` says, latencies' values aside."""
 
-    requests: Counter[str] = field(default_factory=Counter)
+    requests: Counter[int] = field(default_factory=Counter)
+    refused: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0
     timed: int = 0
 
     def request(self, opcode: int, length: int, error: int) -> None:
-        self.requests[Cmd(opcode).name.lower()] += 1
+        self.requests[opcode] += 1
         self.timed += 1
         if error:
             self.errors += 1
@@ -255,12 +256,13 @@ class CountsOracle:
             self.bytes_written += length
 
     def refusal(self) -> None:
-        self.requests["refused"] += 1
+        self.refused += 1
         self.errors += 1
 
     def matches(self, snapshot: dict[str, Any]) -> bool:
         return (
             snapshot["requests"] == dict(self.requests)
+            and snapshot["refused"] == self.refused
             and snapshot["bytes_read"] == self.bytes_read
             and snapshot["bytes_written"] == self.bytes_written
             and snapshot["errors"] == self.errors

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,11 +96,15 @@ class Pair:
         return self.paths[0].read_bytes() == self.paths[1].read_bytes()
 
 
+#: ``pairs(read_only=...)``: a Pair on fresh volume files.
+MakePair = Callable[..., Pair]
+
+
 @pytest.fixture(
     params=[(BLOCK_SIZE, 0), (512, 2**63 + 5), (BLOCK_SIZE, 2**64 - SIZE // 512)],
     ids=["4k-sectors", "512-sectors", "last-plain64-tweaks"],
 )
-def pairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
+def pairs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MakePair]:
     """Makes Pairs: ``pairs(read_only=...)``, each on fresh volume files."""
     sector_size, iv_tweak = request.param
     key = os.urandom(64)
@@ -260,14 +264,14 @@ faults = st.lists(
     injected=faults,
 )
 def test_the_engine_runs_every_stream_as_the_oracle_does(
-    pairs: object,
+    pairs: MakePair,
     stream: bytes,
     read_only: bool,
     room: int,
     payload_room: int,
     injected: list[tuple[int, int, int]],
 ) -> None:
-    pair = pairs(read_only=read_only)  # type: ignore[operator]
+    pair = pairs(read_only=read_only)
     for offset, length, error in injected:
         pair.inject_error(offset, length, error)
     serve(pair, stream, room, payload_room)
@@ -326,8 +330,8 @@ def replies(reply: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def test_a_write_that_fails_part_way_writes_what_comes_before(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_a_write_that_fails_part_way_writes_what_comes_before(pairs: MakePair) -> None:
+    pair = pairs()
     pair.inject_error(4 * BLOCK_SIZE, BLOCK_SIZE, errno.EIO)
     data = os.urandom(8 * BLOCK_SIZE)
     (_, reply, *_rest, notes), *_ = serve(
@@ -343,8 +347,8 @@ def test_a_write_that_fails_part_way_writes_what_comes_before(pairs: object) -> 
     assert got[4 * BLOCK_SIZE :] == bytes(4 * BLOCK_SIZE)  # never written
 
 
-def test_a_store_out_of_space_answers_enospc(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_a_store_out_of_space_answers_enospc(pairs: MakePair) -> None:
+    pair = pairs()
     pair.inject_error(0, BLOCK_SIZE, errno.ENOSPC)
     (_, reply, *_), *_ = serve(pair, frame(Cmd.WRITE, 7, 0, BLOCK_SIZE), 64, 1 << 30)
     assert replies(reply) == [(7, Errno.NOSPC)]
@@ -362,18 +366,18 @@ def test_a_store_out_of_space_answers_enospc(pairs: object) -> None:
     ],
     ids=["read", "write", "trim", "write_zeroes", "flush", "invalid"],
 )
-def test_a_handle_reused_within_a_batch_breaks_the_stream(pairs: object, second: bytes) -> None:
+def test_a_handle_reused_within_a_batch_breaks_the_stream(pairs: MakePair, second: bytes) -> None:
     """docs/protocol.md: a handle in flight may not be sent again; every
     request of a batch is in flight until the batch's replies leave."""
-    pair = pairs()  # type: ignore[operator]
+    pair = pairs()
     first = frame(Cmd.READ, 5, 8 * BLOCK_SIZE, BLOCK_SIZE)
     (_, reply, taken, _, stop, detail, _), *_ = serve(pair, first + second, 64, 1 << 30)
     assert (taken, stop, detail) == (1, STOP_BROKEN, "handle 0x5 is already in flight")
     assert replies(reply[: REPLY.size]) == [(5, Errno.OK)]
 
 
-def test_a_read_after_a_write_to_the_same_block_waits_for_the_next_batch(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_a_read_after_a_write_to_the_same_block_waits_for_the_next_batch(pairs: MakePair) -> None:
+    pair = pairs()
     data = os.urandom(BLOCK_SIZE)
     stream = (
         frame(Cmd.WRITE, 1, 0, BLOCK_SIZE, payload=data)
@@ -386,8 +390,8 @@ def test_a_read_after_a_write_to_the_same_block_waits_for_the_next_batch(pairs: 
     assert second[1][REPLY.size :] == data
 
 
-def test_holes_read_as_zeros_and_trim_makes_them(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_holes_read_as_zeros_and_trim_makes_them(pairs: MakePair) -> None:
+    pair = pairs()
     data = os.urandom(2 * BLOCK_SIZE)
     serve(pair, frame(Cmd.WRITE, 1, 0, len(data), payload=data), 64, 1 << 30)
     serve(pair, frame(Cmd.TRIM, 2, 0, BLOCK_SIZE, flags=CmdFlag.FUA), 64, 1 << 30)
@@ -396,8 +400,8 @@ def test_holes_read_as_zeros_and_trim_makes_them(pairs: object) -> None:
     assert pair.paths[0].read_bytes()[DATA_OFFSET : DATA_OFFSET + BLOCK_SIZE] == bytes(BLOCK_SIZE)
 
 
-def test_fua_and_flush_reach_the_store(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_fua_and_flush_reach_the_store(pairs: MakePair) -> None:
+    pair = pairs()
     stream = frame(Cmd.WRITE, 1, 0, BLOCK_SIZE, flags=CmdFlag.FUA) + frame(
         Cmd.WRITE, 2, BLOCK_SIZE, BLOCK_SIZE, flags=CmdFlag.FUA
     )
@@ -428,8 +432,8 @@ def test_a_volume_the_cipher_cannot_serve_is_refused(
         _engine.Volume(FileStore(path, writable=True), Key(os.urandom(64)), **settings)
 
 
-def test_run_reads_no_further_than_its_buffer(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_run_reads_no_further_than_its_buffer(pairs: MakePair) -> None:
+    pair = pairs()
     buffer = bytearray(frame(Cmd.READ, 1, 0, BLOCK_SIZE))
     for start in (-1, len(buffer) + 1):
         with pytest.raises(ValueError, match="start outside"):
@@ -438,8 +442,8 @@ def test_run_reads_no_further_than_its_buffer(pairs: object) -> None:
     assert consumed == 0
 
 
-def test_a_scanner_larger_than_its_volume_is_refused(pairs: object) -> None:
-    pair = pairs()  # type: ignore[operator]
+def test_a_scanner_larger_than_its_volume_is_refused(pairs: MakePair) -> None:
+    pair = pairs()
     bigger = Scanner(size=SIZE + BLOCK_SIZE, export_flags=int(ALL_FLAGS), max_payload=MAX_PAYLOAD)
     with pytest.raises(ValueError, match="more than the volume"):
         _engine.run(bigger, pair.volume, pair.counters, bytearray(), 0, 64, 0)
