@@ -171,6 +171,7 @@ struct eng_store {
 	const struct eng_store_ops *ops;
 	bool writable;
 	uint64_t syncs;		/* flushes that succeeded (atomic) */
+	bool fenced;		/* refused for good: another took over (atomic) */
 };
 
 /* The Python face of a store; subtypes (FileStore) set ->store. */

@@ -88,6 +88,15 @@ static PyObject *store_syncs(EngStore *self, void *Py_UNUSED(closure))
 		       NULL;
 }
 
+static PyObject *store_fenced(EngStore *self, void *Py_UNUSED(closure))
+{
+	struct eng_store *store = store_of(self);
+
+	return store ? PyBool_FromLong(__atomic_load_n(&store->fenced,
+						       __ATOMIC_RELAXED)) :
+		       NULL;
+}
+
 static PyObject *store_writable(EngStore *self, void *Py_UNUSED(closure))
 {
 	struct eng_store *store = store_of(self);
@@ -200,6 +209,9 @@ static PyGetSetDef store_getset[] = {
 	  "whether it takes writes", NULL },
 	{ "syncs", (getter)store_syncs, NULL,
 	  "flushes that made writes durable: FLUSHes, batches with FUA", NULL },
+	{ "fenced", (getter)store_fenced, NULL,
+	  "whether the store refused an operation because another client "
+	  "took the volume over (it refuses every later one too)", NULL },
 	{ NULL },
 };
 

@@ -16,7 +16,10 @@
  *
  * Fencing is Ceph's managed exclusive lock (lock(), lock_owners(),
  * break_lock()): breaking an owner's lock blocklists it, so its late
- * writes fail (ESHUTDOWN, EBLOCKLISTED) instead of landing.
+ * writes fail (EBLOCKLISTED, which is ESHUTDOWN) instead of landing, and
+ * the store says it is fenced.  read_object() and write_object() keep
+ * small RADOS objects beside the image: the active's lease
+ * (storaged/failover.py).
  */
 #include "engine.h"
 
@@ -26,6 +29,8 @@
 
 /* Lock owners a lock_owners() call lists at most. */
 #define RBD_MAX_OWNERS 16
+/* The largest object read_object() reads: leases are a few dozen bytes. */
+#define RBD_MAX_SMALL_OBJECT 4096
 
 struct rbds_store {
 	struct eng_store store;
@@ -81,8 +86,8 @@ failed:
 	io->done = true;
 }
 
-static void rbds_wait(struct eng_store *Py_UNUSED(store), struct eng_io *ios,
-		     size_t count)
+static void rbds_wait(struct eng_store *store, struct eng_io *ios,
+		      size_t count)
 {
 	size_t i;
 	ssize_t got;
@@ -96,6 +101,9 @@ static void rbds_wait(struct eng_store *Py_UNUSED(store), struct eng_io *ios,
 		got = rbd_aio_get_return_value(io->pending);
 		rbd_aio_release(io->pending);
 		io->pending = NULL;
+		if (got == -ESHUTDOWN)	/* blocklisted: another took over */
+			__atomic_store_n(&store->fenced, true,
+					 __ATOMIC_RELAXED);
 		if (got < 0)
 			io->error = (int)-got;
 		else if (io->op == ENG_IO_READ && (uint64_t)got < io->length)
@@ -229,6 +237,13 @@ static PyObject *rbds_error(int err, const char *step,
 	return NULL;
 }
 
+/* OSError from a negative librbd/librados result, set; returns NULL. */
+static PyObject *rbds_oserror(int err)
+{
+	errno = -err;
+	return PyErr_SetFromErrno(PyExc_OSError);
+}
+
 static PyObject *rbds_new(PyTypeObject *type, PyObject *args,
 			       PyObject *kwds)
 {
@@ -284,11 +299,27 @@ static PyObject *rbds_lock(EngStore *self, PyObject *Py_UNUSED(unused))
 	Py_END_ALLOW_THREADS
 	if (err == -EROFS || err == -EBUSY)
 		Py_RETURN_FALSE;
-	if (err < 0) {
-		errno = -err;
-		return PyErr_SetFromErrno(PyExc_OSError);
-	}
+	if (err < 0)
+		return rbds_oserror(err);
 	Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(rbds_unlock_doc,
+"unlock() -> None\n\n"
+"Release the image's managed exclusive lock this store holds, so that a\n"
+"standby takes it without breaking it.  Raises OSError as librbd fails.");
+
+static PyObject *rbds_unlock(EngStore *self, PyObject *Py_UNUSED(unused))
+{
+	rbd_image_t image = rbds_of(self->store)->image;
+	int err;
+
+	Py_BEGIN_ALLOW_THREADS
+	err = rbd_lock_release(image);
+	Py_END_ALLOW_THREADS
+	if (err < 0)
+		return rbds_oserror(err);
+	Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(rbds_owners_doc,
@@ -309,10 +340,8 @@ static PyObject *rbds_lock_owners(EngStore *self, PyObject *Py_UNUSED(unused))
 	Py_END_ALLOW_THREADS
 	if (err == -ENOENT)
 		return PyList_New(0);
-	if (err < 0) {
-		errno = -err;
-		return PyErr_SetFromErrno(PyExc_OSError);
-	}
+	if (err < 0)
+		return rbds_oserror(err);
 	list = PyList_New((Py_ssize_t)count);
 	for (i = 0; list && i < count; i++) {
 		PyObject *owner = PyUnicode_FromString(owners[i]);
@@ -342,18 +371,76 @@ static PyObject *rbds_break_lock(EngStore *self, PyObject *arg)
 	Py_BEGIN_ALLOW_THREADS
 	err = rbd_lock_break(image, RBD_LOCK_MODE_EXCLUSIVE, owner);
 	Py_END_ALLOW_THREADS
-	if (err < 0) {
-		errno = -err;
-		return PyErr_SetFromErrno(PyExc_OSError);
+	if (err < 0)
+		return rbds_oserror(err);
+	Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(rbds_read_object_doc,
+"read_object(name, /) -> bytes\n\n"
+"The RADOS object name in the image's pool (at most 4 KiB of it; empty\n"
+"if there is none).  Raises OSError as librados fails.");
+
+static PyObject *rbds_read_object(EngStore *self, PyObject *arg)
+{
+	rados_ioctx_t ioctx = rbds_of(self->store)->ioctx;
+	const char *name = PyUnicode_AsUTF8(arg);
+	char buf[RBD_MAX_SMALL_OBJECT];
+	int got;
+
+	if (!name)
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	got = rados_read(ioctx, name, buf, sizeof(buf), 0);
+	Py_END_ALLOW_THREADS
+	if (got == -ENOENT)
+		got = 0;
+	if (got < 0)
+		return rbds_oserror(got);
+	return PyBytes_FromStringAndSize(buf, got);
+}
+
+PyDoc_STRVAR(rbds_write_object_doc,
+"write_object(name, data, /) -> None\n\n"
+"Replace the RADOS object name in the image's pool with data (at most\n"
+"4 KiB).  Raises OSError as librados fails: ESHUTDOWN once blocklisted.");
+
+static PyObject *rbds_write_object(EngStore *self, PyObject *args)
+{
+	struct eng_store *store = self->store;
+	rados_ioctx_t ioctx = rbds_of(store)->ioctx;
+	const char *name;
+	Py_buffer data;
+	int err;
+
+	if (!PyArg_ParseTuple(args, "sy*:write_object", &name, &data))
+		return NULL;
+	if (data.len > RBD_MAX_SMALL_OBJECT) {
+		PyBuffer_Release(&data);
+		PyErr_SetString(PyExc_ValueError, "at most 4 KiB");
+		return NULL;
 	}
+	Py_BEGIN_ALLOW_THREADS
+	err = rados_write_full(ioctx, name, data.buf, (size_t)data.len);
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&data);
+	if (err == -ESHUTDOWN)
+		__atomic_store_n(&store->fenced, true, __ATOMIC_RELAXED);
+	if (err < 0)
+		return rbds_oserror(err);
 	Py_RETURN_NONE;
 }
 
 static PyMethodDef rbds_methods[] = {
 	{ "lock", (PyCFunction)rbds_lock, METH_NOARGS, rbds_lock_doc },
+	{ "unlock", (PyCFunction)rbds_unlock, METH_NOARGS, rbds_unlock_doc },
 	{ "lock_owners", (PyCFunction)rbds_lock_owners, METH_NOARGS,
 	  rbds_owners_doc },
 	{ "break_lock", (PyCFunction)rbds_break_lock, METH_O, rbds_break_doc },
+	{ "read_object", (PyCFunction)rbds_read_object, METH_O,
+	  rbds_read_object_doc },
+	{ "write_object", (PyCFunction)rbds_write_object, METH_VARARGS,
+	  rbds_write_object_doc },
 	{ NULL },
 };
 

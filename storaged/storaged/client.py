@@ -2,7 +2,10 @@
 
 Many requests may be outstanding at once (up to the server's
 ``max_inflight``); replies are matched to callers by handle, in whatever
-order the server sends them.
+order the server sends them.  ``NetblkClient`` is one connection;
+``FailoverClient`` does what netblk.ko does with a server list: on a lost
+connection or a request timeout it reconnects through the next server and
+sends the unanswered requests again, until a dead timeout.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from netblk.protocol.codec import (
@@ -24,6 +28,9 @@ from netblk.protocol.codec import (
 from netblk.protocol.constants import Cmd, CmdFlag, Errno, ExportFlag, LoginStatus
 
 READ_CHUNK = 256 << 10
+#: FailoverClient's pause after a whole round of servers failed, doubling.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
 
 
 class NetblkError(Exception):
@@ -186,8 +193,160 @@ class NetblkClient:
         with contextlib.suppress(OSError, ssl.SSLError):
             await self._writer.wait_closed()
 
+    def abort(self) -> None:
+        """Drop the connection at once, without DISCONNECT."""
+        self._receiver.cancel()
+        transport = self._writer.transport
+        transport.abort()
+
     async def __aenter__(self) -> NetblkClient:
         return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class FailoverClient:
+    """One export through a list of servers, like netblk.ko's ``servers``.
+
+    A request that times out or whose connection is lost is sent again on
+    the next connection; connecting walks the list from the server after
+    the one that failed, a login answered UNAVAILABLE (a standby) moving
+    on at once, with a backoff after each whole round.  Requests fail with
+    ConnectionLost once ``dead_timeout`` passes without a connection.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[Server],
+        *,
+        ssl_context: ssl.SSLContext,
+        export: str,
+        token: bytes,
+        server_hostname: str | None = None,
+        request_timeout: float = 30.0,
+        dead_timeout: float = 30.0,
+    ) -> None:
+        if not servers:
+            raise ValueError("no servers")
+        self.servers = tuple(servers)
+        self._ssl_context = ssl_context
+        self._export = export
+        self._token = token
+        self._server_hostname = server_hostname
+        self.request_timeout = request_timeout
+        self.dead_timeout = dead_timeout
+        self._client: NetblkClient | None = None
+        self._lock = asyncio.Lock()
+        self._next = 0
+        #: The server of the current connection, and how often a new
+        #: connection went to another server than the one before.
+        self.current: Server | None = None
+        self.failovers = 0
+        self.reconnects = 0
+
+    @property
+    def info(self) -> ExportInfo:
+        assert self._client is not None
+        return self._client.info
+
+    async def connect(self) -> FailoverClient:
+        await self._connection()
+        return self
+
+    async def _connection(self) -> NetblkClient:
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._connect_any()
+            return self._client
+
+    async def _connect_any(self) -> NetblkClient:
+        deadline = asyncio.get_running_loop().time() + self.dead_timeout
+        backoff = BACKOFF_MIN
+        last: BaseException | None = None
+        while True:
+            for _ in self.servers:
+                server = self.servers[self._next]
+                self._next = (self._next + 1) % len(self.servers)
+                try:
+                    client = await asyncio.wait_for(
+                        NetblkClient.connect(
+                            server.host,
+                            server.port,
+                            ssl_context=self._ssl_context,
+                            export=self._export,
+                            token=self._token,
+                            server_hostname=self._server_hostname,
+                        ),
+                        self.request_timeout,
+                    )
+                except LoginError as exc:
+                    if exc.status not in (LoginStatus.UNAVAILABLE, LoginStatus.RATE_LIMITED):
+                        raise
+                    last = exc
+                except (OSError, ssl.SSLError, ConnectionLost, TimeoutError) as exc:
+                    last = exc
+                else:
+                    if self.current is not None and server != self.current:
+                        self.failovers += 1
+                    self.current = server
+                    self._next = self.servers.index(server)  # stay while it serves
+                    return client
+            if asyncio.get_running_loop().time() + backoff > deadline:
+                raise ConnectionLost(f"no server answered within {self.dead_timeout} s: {last}")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _lost(self, client: NetblkClient) -> None:
+        """``client``'s connection failed: the next request reconnects."""
+        async with self._lock:
+            if self._client is client:
+                self._client = None
+                self.reconnects += 1
+                self._next = (self._next + 1) % len(self.servers)
+                client.abort()
+
+    async def request(
+        self, op: Cmd, offset: int = 0, length: int = 0, *, flags: int = 0, data: bytes = b""
+    ) -> bytes:
+        """Send one request, again on the next connection if need be."""
+        while True:
+            client = await self._connection()
+            try:
+                return await asyncio.wait_for(
+                    client.request(op, offset, length, flags=flags, data=data),
+                    self.request_timeout,
+                )
+            except (ConnectionLost, TimeoutError):
+                await self._lost(client)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.request(Cmd.READ, offset, length)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        flags = CmdFlag.FUA if fua else 0
+        await self.request(Cmd.WRITE, offset, len(data), flags=flags, data=data)
+
+    async def flush(self) -> None:
+        await self.request(Cmd.FLUSH)
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+
+    async def __aenter__(self) -> FailoverClient:
+        return await self.connect()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,8 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_LOGIN_FAILURES = 5
 DEFAULT_FAILURE_WINDOW = 60.0
 DEFAULT_CONTROL_SOCKET = Path("/run/netblk/storaged.sock")
+DEFAULT_LEASE_INTERVAL = 1.0
+DEFAULT_TAKEOVER_AFTER = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -98,6 +101,19 @@ class LoginPolicy:
 
 
 @dataclass(frozen=True)
+class FailoverPolicy:
+    """How instances that serve the same RBD exports hand them over
+    (storaged/failover.py): the active beats its lease every
+    ``lease_interval`` seconds; a standby takes over once the lease has not
+    changed for ``takeover_after``.  ``instance`` names this storaged in
+    the lease and the logs."""
+
+    instance: str
+    lease_interval: float = DEFAULT_LEASE_INTERVAL
+    takeover_after: float = DEFAULT_TAKEOVER_AFTER
+
+
+@dataclass(frozen=True)
 class Config:
     tls: TlsSettings
     clients: Mapping[str, ClientConfig] = field(default_factory=dict)
@@ -109,6 +125,9 @@ class Config:
     max_payload: int = MAX_PAYLOAD
     workers: int = DEFAULT_WORKERS
     login: LoginPolicy = LoginPolicy()
+    failover: FailoverPolicy = field(
+        default_factory=lambda: FailoverPolicy(instance=default_instance(DEFAULT_PORT))
+    )
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     control_socket: Path | None = DEFAULT_CONTROL_SOCKET
     log_format: str = "json"
@@ -116,6 +135,11 @@ class Config:
     #: What the operator should hear about the file at start (settings that
     #: still parse but no longer act).
     notices: tuple[str, ...] = ()
+
+
+def default_instance(port: int) -> str:
+    """This storaged's name unless ``failover.instance`` gives one."""
+    return f"{socket.gethostname()}:{port}"
 
 
 def parse_size(value: object, key: str) -> int:
@@ -169,6 +193,7 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
     tls_table = root.table("tls")
     cache = root.table("cache")
     login = root.table("login")
+    failover = root.table("failover")
     log = root.table("log")
 
     def path_of(table: Table, name: str, required: bool = True) -> Path | None:
@@ -204,6 +229,18 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
         raise ConfigError("server.max_inflight_bytes: must be at least server.max_payload")
     control = server.get("control_socket", str, str(DEFAULT_CONTROL_SOCKET))
     log_format, log_level = log_settings(log, LOG_LEVELS)
+    policy = FailoverPolicy(
+        instance=failover.get("instance", str, default_instance(port)),
+        lease_interval=failover.positive("lease_interval", DEFAULT_LEASE_INTERVAL, float),
+        takeover_after=failover.positive("takeover_after", DEFAULT_TAKEOVER_AFTER, float),
+    )
+    if not policy.instance or not policy.instance.isprintable():
+        raise ConfigError("failover.instance: must be a non-empty printable name")
+    if policy.takeover_after < 2 * policy.lease_interval:
+        raise ConfigError(
+            "failover.takeover_after: must be at least twice failover.lease_interval "
+            f"({policy.takeover_after} < 2 x {policy.lease_interval})"
+        )
 
     config = Config(
         tls=tls,
@@ -222,11 +259,12 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
             window=login.positive("window", DEFAULT_FAILURE_WINDOW, float),
             timeout=login.positive("timeout", DEFAULT_LOGIN_TIMEOUT, float),
         ),
+        failover=policy,
         log_format=log_format,
         log_level=log_level,
         notices=_cache_notices(cache),
     )
-    for table in (server, tls_table, cache, login, log, root):
+    for table in (server, tls_table, cache, login, failover, log, root):
         table.finish()
     return config
 

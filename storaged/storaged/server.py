@@ -2,9 +2,12 @@
 
 The event loop accepts connections, answers the control socket and handles
 signals; every accepted connection is served by a Session on its own thread.
-Shutdown (SIGTERM or SIGINT): stop accepting, stop reading new requests,
-let in-flight requests finish and their replies go out, fdatasync every
-volume, then close.  The control socket answers with a JSON stats snapshot.
+An export on an RBD image is served only while this instance holds the
+image's lock (storaged.failover): one task per such export stands by or
+serves.  Shutdown (SIGTERM or SIGINT): stop accepting, stop reading new
+requests, let in-flight requests finish and their replies go out, fdatasync
+every volume, release the RBD locks, then close.  The control socket
+answers with a JSON stats snapshot.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 
 from netblk.protocol.constants import BLOCK_SIZE, ExportFlag
 from netblk.tomlconf import ConfigError
-from storaged.config import Config, ExportConfig
+from storaged.config import Config, ExportConfig, RbdImage
+from storaged.failover import Ownership
 from storaged.login import Gatekeeper
 from storaged.luks2 import Luks2Error
 from storaged.session import Export, Session, SessionLimits
@@ -83,7 +87,11 @@ class StorageServer:
         self.stats = ServerStats()
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="storaged-io")
         self.gatekeeper = Gatekeeper(config.clients, config.exports, config.login)
+        #: The exports this instance serves now; an RBD export is here only
+        #: while this instance is its active.
         self.exports: dict[str, Export] = {}
+        self.ownerships: dict[str, Ownership] = {}
+        self._ownership_tasks: list[asyncio.Task[None]] = []
         self._servers: list[asyncio.Server] = []
         self._listeners: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
@@ -93,33 +101,56 @@ class StorageServer:
 
     async def open_volumes(self) -> None:
         """Unlock every export's volume (argon2id: seconds, in parallel)."""
-        loop = asyncio.get_running_loop()
         for notice in self.config.notices:
             log.warning(notice, extra={"event": "config_notice"})
+        await asyncio.gather(*map(self._open_export, self.config.exports.values()))
 
-        async def unlock(export: ExportConfig) -> Export:
-            passphrase = read_passphrase(export)
-            try:
-                volume = await loop.run_in_executor(
-                    self.pool, Volume.open, export.volume, passphrase
-                )
-            except (OSError, Luks2Error) as exc:
-                raise ConfigError(f"exports.{export.name}: {export.volume}: {exc}") from None
+    async def _open_export(self, config: ExportConfig) -> None:
+        passphrase = read_passphrase(config)
+
+        def open_volume() -> Volume:
+            volume = Volume.open(config.volume, passphrase)
             if volume.size % BLOCK_SIZE or volume.size <= 0:
-                raise ConfigError(f"exports.{export.name}: volume size {volume.size} is unusable")
-            return Export(export.name, volume, export_flags(export))
+                raise Luks2Error(f"volume size {volume.size} is unusable")
+            return volume
 
-        for export in await asyncio.gather(*map(unlock, self.config.exports.values())):
-            self.exports[export.name] = export
+        def activate(volume: Volume) -> None:
+            self.exports[config.name] = Export(config.name, volume, export_flags(config))
             log.info(
                 "export ready",
                 extra={
                     "event": "export_ready",
-                    "export": export.name,
-                    "volume": str(export.volume.location),
-                    "size": export.volume.size,
+                    "export": config.name,
+                    "volume": str(volume.location),
+                    "size": volume.size,
                 },
             )
+
+        try:
+            if isinstance(config.volume, RbdImage):
+                ownership = Ownership(
+                    config.name,
+                    config.volume,
+                    self.config.failover,
+                    open_volume,
+                    activate,
+                    lambda: self._withdraw(config.name),
+                )
+                await ownership.prepare()
+                self.ownerships[config.name] = ownership
+            else:
+                loop = asyncio.get_running_loop()
+                activate(await loop.run_in_executor(self.pool, open_volume))
+        except (OSError, Luks2Error) as exc:
+            raise ConfigError(f"exports.{config.name}: {config.volume}: {exc}") from None
+
+    def _withdraw(self, name: str) -> None:
+        """Stop serving an export that another instance took over: its
+        sessions end without answering what they had in flight."""
+        self.exports.pop(name, None)
+        for session in list(self._sessions):
+            if session.export == name:
+                session.abort()
 
     async def start(self) -> None:
         settings = self.config.tls
@@ -163,6 +194,9 @@ class StorageServer:
                 self._acceptors.append(asyncio.create_task(accept(listener)))
         if self.config.control_socket is not None:
             await self._start_control(self.config.control_socket)
+        self._ownership_tasks = [
+            asyncio.create_task(ownership.run()) for ownership in self.ownerships.values()
+        ]
         log.info(
             "storaged listening",
             extra={"event": "listening", "addresses": [f"{h}:{p}" for h, p in self.addresses]},
@@ -217,14 +251,18 @@ class StorageServer:
 
     def snapshot(self) -> dict[str, Any]:
         snap = self.stats.snapshot()
-        snap["volumes"] = {
-            name: {
-                "path": str(e.volume.location),
-                "size": e.volume.size,
-                "syncs": e.volume.engine.store.syncs,
-            }
-            for name, e in self.exports.items()
-        }
+        snap["volumes"] = {}
+        for name, config in self.config.exports.items():
+            ownership = self.ownerships.get(name)
+            export = self.exports.get(name)
+            entry: dict[str, Any] = {"path": str(config.volume)}
+            if export is not None:
+                entry["size"] = export.volume.size
+                entry["syncs"] = export.volume.engine.store.syncs
+            if ownership is not None:
+                entry["role"] = ownership.role
+                entry["activations"] = ownership.activations
+            snap["volumes"][name] = entry
         return snap
 
     def request_stop(self) -> None:
@@ -239,8 +277,8 @@ class StorageServer:
 
     async def shutdown(self) -> None:
         log.info("shutting down", extra={"event": "shutdown", "sessions": len(self._sessions)})
-        for acceptor in self._acceptors:
-            acceptor.cancel()
+        for task in [*self._acceptors, *self._ownership_tasks]:
+            task.cancel()
         for listener in self._listeners:
             listener.close()
         for server in self._servers:
@@ -256,6 +294,8 @@ class StorageServer:
             await asyncio.wait_for(
                 loop.run_in_executor(self.pool, export.volume.close), FLUSH_TIMEOUT
             )
+        for ownership in self.ownerships.values():
+            await asyncio.wait_for(ownership.release(), FLUSH_TIMEOUT)
         self.pool.shutdown(wait=True)
         if self.config.control_socket is not None:
             self.config.control_socket.unlink(missing_ok=True)

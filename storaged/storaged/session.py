@@ -104,6 +104,12 @@ class _Serving:
     counters: Counters
 
 
+class Fenced(Exception):
+    """The store refused a batch because another instance took the export
+    over: the connection ends without the batch's replies, and its client
+    resends the requests to the new active."""
+
+
 class Session:
     """Serves one accepted TCP connection until it ends or the server stops.
 
@@ -147,6 +153,11 @@ class Session:
         self._on_pool = 0
         self._finished: SimpleQueue[tuple[bytes, Note | None]] = SimpleQueue()
         self._wakeup = os.eventfd(0, os.EFD_CLOEXEC)
+
+    @property
+    def export(self) -> str | None:
+        """The export this connection logged in to, if it has."""
+        return self._serving.export.name if self._serving is not None else None
 
     def _make_scanner(self, geometry: ExportGeometry) -> Scanner:
         """The codec's scanner, kept: the engine runs the frames it checks."""
@@ -194,6 +205,10 @@ class Session:
             if exc.reply and self._channel is not None:
                 with contextlib.suppress(OSError):
                     self._channel.sendall(exc.reply)
+        except Fenced:
+            self._log(
+                logging.WARNING, "fenced: closing without replies", "fenced", reason="blocklisted"
+            )
         except OSError as exc:  # ssl.SSLError and ConnectionError are OSErrors
             self._log(logging.INFO, "connection lost", "connection_lost", reason=str(exc))
         except Exception:  # a bug must cost one connection, never the server
@@ -203,7 +218,7 @@ class Session:
 
     def _finish(self) -> None:
         """Let pool work end, flush after a DISCONNECT, close."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, Fenced):
             self._answer_pool(block=True)
         if self._flush_on_close and self._serving is not None:
             try:
@@ -255,7 +270,18 @@ class Session:
             )
             channel.sendall(self._conn.refuse(decision.status))
             return False
-        export = self._exports[hello.export]
+        export = self._exports.get(hello.export)
+        if export is None:
+            # Admitted, but this instance is the export's standby.
+            self._stats.login_failed("unavailable")
+            self._log(
+                logging.INFO,
+                "login refused: export is served by another instance",
+                "login_unavailable",
+                requested_export=hello.export,
+            )
+            channel.sendall(self._conn.refuse(LoginStatus.UNAVAILABLE))
+            return False
         flags = export.flags
         if decision.access is Access.RO:
             flags |= ExportFlag.READ_ONLY
@@ -315,6 +341,7 @@ class Session:
             )
             self._conn.consume(consumed)
             self._log_notes(notes)
+            self._check_fenced(notes)
             self._send(reply)
             if stop == STOP_FULL:
                 continue
@@ -360,6 +387,12 @@ class Session:
                     length=length,
                     error=reason,
                 )
+
+    def _check_fenced(self, notes: list[Note]) -> None:
+        """Raise Fenced if the batch's store failures were the store
+        refusing us for good; the replies must not say EIO then."""
+        if notes and self._serving is not None and self._serving.export.volume.engine.store.fenced:
+            raise Fenced
 
     def _send(self, reply: bytes) -> None:
         if reply:
@@ -415,6 +448,7 @@ class Session:
             if note is not None:
                 notes.append(note)
         self._log_notes(notes)
+        self._check_fenced(notes)
         self._send(b"".join(replies))
 
     def _close(self) -> None:

@@ -100,14 +100,22 @@ class Volume:
             key = luks2.unlock(header, passphrase)
         return cls(location, store, key, info, read_only=read_only)
 
+    @property
+    def rbd_store(self) -> RbdStore:
+        """The store, for a volume on an RBD image (its lock and lease)."""
+        store = self.engine.store
+        assert isinstance(store, RbdStore), self.location
+        return store
+
     def flush(self) -> None:
         """Make every completed write durable (the FLUSH and FUA contract)."""
         self.engine.store.flush()
 
-    def close(self) -> None:
-        """Flush.  The store itself closes when the last connection still
-        holding the engine's volume lets go, so a connection that outlives
-        shutdown never writes through a descriptor number reused since."""
-        if self._open and not self.read_only:
+    def close(self, *, flush: bool = True) -> None:
+        """Flush (unless told not to: a fenced store refuses it).  The store
+        itself closes when the last connection still holding the engine's
+        volume lets go, so a connection that outlives shutdown never writes
+        through a descriptor number reused since."""
+        if self._open and flush and not self.read_only:
             self.flush()
         self._open = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -63,22 +64,32 @@ class Stack:
     #: Serve every export from an RBD image in this cluster instead of a file
     #: (each volume file is made, then ``rbd import``ed: the migration path).
     ceph: MiniCluster | None = None
+    #: Another instance of ``twin``: the same images, clients and tokens,
+    #: its own port, config and control socket (a standby for its exports).
+    twin: Stack | None = None
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "volume.pass").write_bytes(PASSPHRASE + b"\n")
-        for client in ("alice", "bob"):
-            self.tokens[client] = generate_token()
-        for export in EXPORTS:
-            luks2.format_volume(
-                self.volume_path(export), self.volume_size, PASSPHRASE, luks2.TEST_KDF_PARAMS
-            )
-            if self.ceph is not None:
-                self.ceph.rbd("import", str(self.volume_path(export)), self.image(export))
+        if self.twin is not None:
+            self.ceph = self.twin.ceph
+            self.tokens = self.twin.tokens
+            self.volume_size = self.twin.volume_size
+        else:
+            for client in ("alice", "bob"):
+                self.tokens[client] = generate_token()
+            for export in EXPORTS:
+                luks2.format_volume(
+                    self.volume_path(export), self.volume_size, PASSPHRASE, luks2.TEST_KDF_PARAMS
+                )
+                if self.ceph is not None:
+                    self.ceph.rbd("import", str(self.volume_path(export)), self.image(export))
         self.config_path.write_text(self.render_config())
 
     def image(self, export: str) -> str:
         """The RBD image (pool/name) of ``export`` when served from Ceph."""
+        if self.twin is not None:
+            return self.twin.image(export)
         return f"{CEPH_POOL}/{export}-{self.port}"
 
     @property
@@ -90,6 +101,8 @@ class Stack:
         return self.root / "control.sock"
 
     def volume_path(self, export: str) -> Path:
+        if self.twin is not None:
+            return self.twin.volume_path(export)
         return self.root / f"{export}.luks"
 
     def render_config(self) -> str:
@@ -123,6 +136,13 @@ class Stack:
             f'rbd = {{ pool = "{pool}", image = "{image}", conf = "{self.ceph.conf}", '
             f'client = "{CEPH_CLIENT}", keyring = "{self.ceph.keyring()}" }}'
         ]
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the control socket answers."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(30)
+            sock.connect(str(self.control_socket))
+            return dict(json.loads(recv_all(sock)))
 
     def client_tls(self, client: str = "alice") -> tuple[Path, Path]:
         return getattr(self.pki, f"{client}_cert"), getattr(self.pki, f"{client}_key")
@@ -258,4 +278,11 @@ def recv_until_closed(sock: ssl.SSLSocket, limit: int = 1 << 22) -> bytes:
         while total < limit and (chunk := sock.recv(65536)):
             chunks.append(chunk)
             total += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
     return b"".join(chunks)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from storaged._engine import RbdStore
 from storaged.client import NetblkClient
 from storaged.config import RbdImage, load_config
 from storaged.volume import Volume
-from tests.ceph_cluster import CLIENT, MiniCluster, mini_cluster
+from tests.ceph_cluster import CLIENT, MiniCluster
 from tests.pki_fixtures import PkiFiles
 from tests.storaged.stack import PASSPHRASE, Stack, run, serving
 
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.ceph
 
 #: A marker no ciphertext holds by chance: found in the image, it is plaintext.
 MARKER = b"netblk plaintext marker, never on the cluster "
-
-
-@pytest.fixture(scope="session")
-def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MiniCluster]:
-    # bluestore: an OSD killed by a test comes back with what it held
-    with mini_cluster(tmp_path_factory.mktemp("ceph"), "bluestore") as cluster:
-        yield cluster
 
 
 @pytest.fixture
