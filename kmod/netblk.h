@@ -36,6 +36,9 @@
 
 #define NETBLK_MAX_DEVICES		16
 #define NETBLK_MAX_CONNECTIONS		16
+#define NETBLK_MAX_SERVERS		8
+/* "[v6 address]:65535" and a NUL */
+#define NETBLK_SERVER_STRLEN		(INET6_ADDRSTRLEN + 8)
 #define NETBLK_MAX_QUEUE_DEPTH		1024
 #define NETBLK_MINORS			16
 #define NETBLK_ERROR_LEN		256
@@ -80,9 +83,20 @@ enum netblk_state {
 };
 
 /**
+ * struct netblk_server - one entry of the server list
+ * @sv_addr: its IP address, AF_INET or AF_INET6; the port field unused
+ * @sv_port: its TCP port; 0 for server_port's
+ */
+struct netblk_server {
+	struct sockaddr_storage sv_addr;
+	u16 sv_port;
+};
+
+/**
  * struct netblk_conf - what sysfs configures for the next connect
- * @cf_addr: server address; ss_family is AF_UNSPEC until set
- * @cf_port: server TCP port
+ * @cf_servers: the server list, tried in order; see netblk_conn.c
+ * @cf_nr_servers: entries in @cf_servers; 0 until set
+ * @cf_port: server TCP port of entries that name none (server_port)
  * @cf_export: export name, NUL-terminated; empty until set
  * @cf_request_timeout_ms: a request in flight longer than this kills the
  *	connection (it is requeued, not failed)
@@ -90,7 +104,8 @@ enum netblk_state {
  * @cf_reconnect_retries: reconnect attempts per outage before failing
  */
 struct netblk_conf {
-	struct sockaddr_storage cf_addr;
+	struct netblk_server cf_servers[NETBLK_MAX_SERVERS];
+	unsigned int cf_nr_servers;
 	u16 cf_port;
 	char cf_export[NETBLK_MAX_EXPORT_NAME + 1];
 	u32 cf_request_timeout_ms;
@@ -110,6 +125,7 @@ struct netblk_conf {
  * @st_errors: requests completed with an error
  * @st_timeouts: requests that hit the request timeout
  * @st_reconnects: connection losses that started a reconnect
+ * @st_failovers: connections made to another server than the one before
  * @st_inflight: requests sent and not yet answered
  */
 struct netblk_stats {
@@ -123,6 +139,7 @@ struct netblk_stats {
 	atomic64_t st_errors;
 	atomic64_t st_timeouts;
 	atomic64_t st_reconnects;
+	atomic64_t st_failovers;
 	atomic_t st_inflight;
 };
 
@@ -264,7 +281,11 @@ struct netblk_hs_req {
  * @nd_error: last error, in words
  * @nd_hs_pending: handshakes of the attempt still awaiting their DONE
  * @nd_hs_deadline: jiffies by which they must be done
- * @nd_attempts: reconnect attempts in this outage
+ * @nd_server: index in the server list of the server the connection set,
+ *	or the attempt at one, is for
+ * @nd_last_server: index of the server last connected to, -1 for none
+ *	since the last connect
+ * @nd_attempts: connect attempts in this outage (or first connect)
  * @nd_backoff_ms: delay before the next reconnect attempt
  * @nd_dead_deadline: jiffies at which this outage fails all I/O
  * @nd_disconnecting: a disconnect is draining I/O; do not reconnect
@@ -295,6 +316,8 @@ struct netblk_dev {
 	char nd_error[NETBLK_ERROR_LEN];
 	unsigned int nd_hs_pending;
 	unsigned long nd_hs_deadline;
+	unsigned int nd_server;
+	int nd_last_server;
 	unsigned int nd_attempts;
 	unsigned int nd_backoff_ms;
 	unsigned long nd_dead_deadline;
@@ -359,6 +382,10 @@ bool netblk_conn_idle(const struct netblk_dev *dev);
 enum netblk_state netblk_conn_state(struct netblk_dev *dev);
 const char *netblk_conn_state_name(enum netblk_state state);
 void netblk_conn_sock_failed(struct netblk_dev *dev);
+void netblk_conn_format_server(const struct netblk_conf *cf, unsigned int i,
+			       char *buf, size_t len);
+int netblk_conn_current_server(struct netblk_dev *dev, char *buf,
+			       size_t len);
 struct netblk_sock *netblk_conn_choose(struct netblk_dev *dev,
 				       unsigned int hwq);
 bool netblk_conn_requeue(struct netblk_dev *dev, struct request *rq);

@@ -24,6 +24,13 @@
  * A server that does not offer NETBLK_EXPORT_MULTI_CONN gets one
  * connection: the others are closed and every queue sends on the first.
  *
+ * The server list: the first connect starts at its first entry and tries
+ * each entry once before it gives up.  A lost connection moves on to the
+ * next entry, and so does every failed attempt; the next entry is tried at
+ * once, and the backoff applies after each whole round.  So an outage ends
+ * on the first server that answers (an active storaged; a standby answers
+ * a login UNAVAILABLE) and a single server is retried as it always was.
+ *
  * Handshake requests: each connected socket is put on a global list with a
  * cookie and READY is multicast.  ACCEPT hands the oldest unaccepted one to
  * the helper as an fd; DONE names it by cookie and ends it.  The deadline
@@ -423,9 +430,10 @@ static void netblk_conn_reset(struct netblk_dev *dev, enum netblk_state state)
 }
 
 /*
- * A connection attempt failed: the whole set is dropped.  The first
- * connect gives up at once; a reconnect retries with exponential backoff
- * until its retries or the dead-connection deadline run out.
+ * A connection attempt failed: the whole set is dropped and the next server
+ * of the list is up.  The first connect tries each server once, then gives
+ * up; a reconnect goes round the list, with exponential backoff after each
+ * round, until its retries or the dead-connection deadline run out.
  */
 static __printf(2, 3)
 void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
@@ -433,6 +441,8 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 	struct netblk_sock *socks[NETBLK_MAX_CONNECTIONS];
 	struct netblk_conf *cf = &dev->nd_conf;
 	char reason[NETBLK_ERROR_LEN];
+	char server[NETBLK_SERVER_STRLEN];
+	unsigned long delay = 0;
 	va_list args;
 
 	lockdep_assert_held(&dev->nd_lock);
@@ -441,17 +451,28 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 	vsnprintf(reason, sizeof(reason), fmt, args);
 	va_end(args);
 	netblk_conn_set_error(dev, "%s", reason);
+	netblk_conn_format_server(cf, dev->nd_server, server, sizeof(server));
 
 	netblk_conn_put_socks(socks, netblk_conn_take_socks(dev, socks));
+	dev->nd_attempts++;
+	dev->nd_server = (dev->nd_server + 1) % cf->cf_nr_servers;
 
 	if (dev->nd_state != NETBLK_RECONNECTING) {
-		dev_warn(disk_to_dev(dev->nd_disk), "connect failed: %s\n",
-			 dev->nd_error);
+		if (dev->nd_attempts < cf->cf_nr_servers) {
+			dev_warn(disk_to_dev(dev->nd_disk),
+				 "connect to %s failed: %s; trying the next server\n",
+				 server, dev->nd_error);
+			netblk_conn_set_state(dev, NETBLK_CONNECTING);
+			queue_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work,
+					   0);
+			return;
+		}
+		dev_warn(disk_to_dev(dev->nd_disk), "connect to %s failed: %s\n",
+			 server, dev->nd_error);
 		netblk_conn_reset(dev, NETBLK_ERROR);
 		return;
 	}
 
-	dev->nd_attempts++;
 	if (dev->nd_attempts >= cf->cf_reconnect_retries ||
 	    !time_before(jiffies, dev->nd_dead_deadline)) {
 		netblk_conn_set_error(dev, "gave up reconnecting after %u attempts: %s",
@@ -461,16 +482,21 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 		return;
 	}
 
+	/* The rest of a round at once; a backoff after each whole round. */
+	if (!(dev->nd_attempts % cf->cf_nr_servers)) {
+		delay = msecs_to_jiffies(dev->nd_backoff_ms);
+		dev->nd_backoff_ms = min_t(unsigned int, dev->nd_backoff_ms * 2,
+					   NETBLK_BACKOFF_MAX_MS);
+	}
 	dev_warn_ratelimited(disk_to_dev(dev->nd_disk),
-			     "reconnect attempt %u failed: %s; retrying in %u ms\n",
-			     dev->nd_attempts, dev->nd_error, dev->nd_backoff_ms);
-	queue_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work,
-			   msecs_to_jiffies(dev->nd_backoff_ms));
-	dev->nd_backoff_ms = min_t(unsigned int, dev->nd_backoff_ms * 2,
-				   NETBLK_BACKOFF_MAX_MS);
+			     "reconnect attempt %u to %s failed: %s; retrying in %u ms\n",
+			     dev->nd_attempts, server, dev->nd_error,
+			     jiffies_to_msecs(delay));
+	queue_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, delay);
 }
 
-static void netblk_conn_format_peer(const struct sockaddr_storage *ss,
+/* The IP literal of @ss, without brackets or port. */
+static void netblk_conn_format_addr(const struct sockaddr_storage *ss,
 				    char *buf, size_t len)
 {
 	if (ss->ss_family == AF_INET6)
@@ -479,6 +505,60 @@ static void netblk_conn_format_peer(const struct sockaddr_storage *ss,
 	else
 		snprintf(buf, len, "%pI4",
 			 &((const struct sockaddr_in *)ss)->sin_addr);
+}
+
+/* The port entry @i of the server list connects to. */
+static u16 netblk_conn_server_port(const struct netblk_conf *cf,
+				   unsigned int i)
+{
+	return cf->cf_servers[i].sv_port ?: cf->cf_port;
+}
+
+/**
+ * netblk_conn_format_server() - "ADDR:PORT" or "[ADDR]:PORT" of a server
+ * @cf: the configuration
+ * @i: index in its server list, below cf_nr_servers
+ * @buf: where to write
+ * @len: its size, at least NETBLK_SERVER_STRLEN for the whole text
+ */
+void netblk_conn_format_server(const struct netblk_conf *cf, unsigned int i,
+			       char *buf, size_t len)
+{
+	const struct sockaddr_storage *ss = &cf->cf_servers[i].sv_addr;
+	u16 port = netblk_conn_server_port(cf, i);
+
+	if (ss->ss_family == AF_INET6)
+		snprintf(buf, len, "[%pI6c]:%u",
+			 &((const struct sockaddr_in6 *)ss)->sin6_addr, port);
+	else
+		snprintf(buf, len, "%pI4:%u",
+			 &((const struct sockaddr_in *)ss)->sin_addr, port);
+}
+
+/**
+ * netblk_conn_current_server() - the server connected to or being tried
+ *	(sysfs "current_server")
+ * @dev: the device
+ * @buf: where to write its netblk_conn_format_server() text
+ * @len: size of @buf
+ *
+ * Context: takes nd_lock.
+ * Return: 0; -ENOTCONN, with @buf empty, while disconnected or in error.
+ */
+int netblk_conn_current_server(struct netblk_dev *dev, char *buf, size_t len)
+{
+	int err = 0;
+
+	mutex_lock(&dev->nd_lock);
+	if (netblk_conn_idle(dev)) {
+		buf[0] = '\0';
+		err = -ENOTCONN;
+	} else {
+		netblk_conn_format_server(&dev->nd_conf, dev->nd_server, buf,
+					  len);
+	}
+	mutex_unlock(&dev->nd_lock);
+	return err;
 }
 
 static struct netblk_hs_req *netblk_hs_alloc(struct netblk_dev *dev,
@@ -499,9 +579,10 @@ static struct netblk_hs_req *netblk_hs_alloc(struct netblk_dev *dev,
 	netblk_sock_get(nsock);
 	req->hr_nsock = nsock;
 	req->hr_deadline = deadline;
-	netblk_conn_format_peer(&dev->nd_conf.cf_addr, req->hr_peer,
-				sizeof(req->hr_peer));
-	req->hr_port = dev->nd_conf.cf_port;
+	/* tls-bridge checks the certificate of the server actually reached. */
+	netblk_conn_format_addr(&dev->nd_conf.cf_servers[dev->nd_server].sv_addr,
+				req->hr_peer, sizeof(req->hr_peer));
+	req->hr_port = netblk_conn_server_port(&dev->nd_conf, dev->nd_server);
 	strscpy(req->hr_export, dev->nd_conf.cf_export,
 		sizeof(req->hr_export));
 	return req;
@@ -615,6 +696,7 @@ static void netblk_conn_connect_work(struct work_struct *work)
 	unsigned int i, n = dev->nd_nr_conns;
 	unsigned int noio;
 	const char *what;
+	u16 port;
 	int err;
 
 	/* Reconnecting may be what writeback waits for: no I/O reclaim. */
@@ -624,13 +706,12 @@ static void netblk_conn_connect_work(struct work_struct *work)
 	     dev->nd_state != NETBLK_RECONNECTING) || dev->nd_socks[0])
 		goto out_unlock;
 
-	addr = dev->nd_conf.cf_addr;
+	addr = dev->nd_conf.cf_servers[dev->nd_server].sv_addr;
+	port = netblk_conn_server_port(&dev->nd_conf, dev->nd_server);
 	if (addr.ss_family == AF_INET6)
-		((struct sockaddr_in6 *)&addr)->sin6_port =
-			htons(dev->nd_conf.cf_port);
+		((struct sockaddr_in6 *)&addr)->sin6_port = htons(port);
 	else
-		((struct sockaddr_in *)&addr)->sin_port =
-			htons(dev->nd_conf.cf_port);
+		((struct sockaddr_in *)&addr)->sin_port = htons(port);
 
 	err = netblk_conn_create_socks(dev, addr.ss_family);
 	if (err) {
@@ -747,6 +828,7 @@ static void netblk_conn_err_work(struct work_struct *work)
 		 "connection lost: %s; reconnecting\n", reason);
 	atomic64_inc(&dev->nd_stats.st_reconnects);
 	netblk_conn_reset(dev, NETBLK_RECONNECTING);
+	dev->nd_server = (dev->nd_server + 1) % cf->cf_nr_servers;
 	dev->nd_attempts = 0;
 	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
 	dev->nd_dead_deadline = jiffies +
@@ -856,7 +938,7 @@ static int netblk_conn_established(struct netblk_dev *dev)
 {
 	const struct netblk_params *p = &dev->nd_socks[0]->ns_params;
 	bool reconnect = dev->nd_state == NETBLK_RECONNECTING;
-	char peer[INET6_ADDRSTRLEN];
+	char server[NETBLK_SERVER_STRLEN];
 	const struct netblk_params *q;
 	unsigned int i, n;
 
@@ -884,15 +966,19 @@ static int netblk_conn_established(struct netblk_dev *dev)
 	cancel_delayed_work(&dev->nd_dead_work);
 	dev->nd_attempts = 0;
 	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+	if (dev->nd_last_server >= 0 && dev->nd_last_server != dev->nd_server)
+		atomic64_inc(&dev->nd_stats.st_failovers);
+	dev->nd_last_server = dev->nd_server;
 	/* Live first: the capacity's uevent sends udev's probe at once. */
 	netblk_blk_apply(dev, p);
 	blk_mq_kick_requeue_list(dev->nd_disk->queue);
 
-	netblk_conn_format_peer(&dev->nd_conf.cf_addr, peer, sizeof(peer));
+	netblk_conn_format_server(&dev->nd_conf, dev->nd_server, server,
+				  sizeof(server));
 	dev_info(disk_to_dev(dev->nd_disk),
-		 "%s %s port %u export %s: %llu bytes, flags 0x%x, max payload %u, %u connection(s)\n",
-		 reconnect ? "reconnected to" : "connected to", peer,
-		 dev->nd_conf.cf_port, dev->nd_conf.cf_export,
+		 "%s %s export %s: %llu bytes, flags 0x%x, max payload %u, %u connection(s)\n",
+		 reconnect ? "reconnected to" : "connected to", server,
+		 dev->nd_conf.cf_export,
 		 p->np_export_size, p->np_export_flags, p->np_max_payload, n);
 	return 0;
 }
@@ -977,8 +1063,8 @@ out_unlock:
  * Asynchronous: "state" and "last_error" tell how it goes.
  *
  * Return: 0 when started; -EBUSY unless disconnected or in error;
- * -EDESTADDRREQ if server_ip or export is not set; -ENODEV while the
- * module unloads.
+ * -EDESTADDRREQ if no server (server_ip or servers) or no export is set;
+ * -ENODEV while the module unloads.
  */
 int netblk_conn_connect(struct netblk_dev *dev)
 {
@@ -990,11 +1076,12 @@ int netblk_conn_connect(struct netblk_dev *dev)
 		err = -ENODEV;
 	} else if (!netblk_conn_idle(dev)) {
 		err = -EBUSY;
-	} else if (dev->nd_conf.cf_addr.ss_family == AF_UNSPEC ||
-		   !dev->nd_conf.cf_export[0]) {
+	} else if (!dev->nd_conf.cf_nr_servers || !dev->nd_conf.cf_export[0]) {
 		err = -EDESTADDRREQ;
 	} else {
 		dev->nd_error[0] = '\0';
+		dev->nd_server = 0;
+		dev->nd_last_server = -1;
 		dev->nd_attempts = 0;
 		dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
 		netblk_conn_set_state(dev, NETBLK_CONNECTING);
@@ -1086,7 +1173,7 @@ void netblk_conn_init(struct netblk_dev *dev)
 	dev->nd_state = NETBLK_DISCONNECTED;
 	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
 
-	cf->cf_addr.ss_family = AF_UNSPEC;
+	dev->nd_last_server = -1;
 	cf->cf_port = NETBLK_DEFAULT_PORT;
 	cf->cf_request_timeout_ms = NETBLK_DEF_REQUEST_TIMEOUT_MS;
 	cf->cf_dead_timeout_ms = NETBLK_DEF_DEAD_TIMEOUT_MS;

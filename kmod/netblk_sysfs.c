@@ -2,12 +2,13 @@
 /*
  * netblk: control files under /sys/block/netblkN/.
  *
- *   server_ip, server_port, export     where to connect (rw; -EBUSY unless
+ *   servers, server_ip, server_port, export
+ *                                      where to connect (rw; -EBUSY unless
  *                                      disconnected or in error)
  *   request_timeout_ms, dead_timeout_ms, reconnect_retries
  *                                      failure handling (rw, any time)
  *   connect, disconnect                write "1" (wo)
- *   state, last_error, stats, connections
+ *   state, last_error, stats, connections, current_server
  *                                      what is going on (ro)
  *
  * Every store parses the whole value (one trailing newline allowed) and
@@ -16,6 +17,7 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/blkdev.h>
+#include <linux/ctype.h>
 #include <linux/device.h>
 #include <linux/in.h>
 #include <linux/in6.h>
@@ -23,6 +25,7 @@
 #include <linux/kernel.h>
 #include <linux/string.h>
 #include <linux/sysfs.h>
+#include <net/ipv6.h>
 
 #include "netblk.h"
 
@@ -41,17 +44,17 @@ static size_t netblk_value_len(const char *buf, size_t count, size_t max)
 	return count;
 }
 
-/* --- server_ip ---------------------------------------------------------- */
+/* --- servers, server_ip --------------------------------------------------- */
 
-static int netblk_parse_ip(const char *buf, size_t count,
+/* An IPv4 or IPv6 literal, all of @buf[0..len). */
+static int netblk_parse_ip(const char *buf, size_t len,
 			   struct sockaddr_storage *ss)
 {
 	struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
 	struct sockaddr_in *sin = (struct sockaddr_in *)ss;
-	size_t len = netblk_value_len(buf, count, INET6_ADDRSTRLEN - 1);
 	const char *end;
 
-	if (!len)
+	if (!len || len >= INET6_ADDRSTRLEN)
 		return -EINVAL;
 	memset(ss, 0, sizeof(*ss));
 	if (in4_pton(buf, len, (u8 *)&sin->sin_addr.s_addr, -1, &end) &&
@@ -67,22 +70,173 @@ static int netblk_parse_ip(const char *buf, size_t count,
 	return -EINVAL;
 }
 
+/* A port 1-65535 in decimal, all of @buf[0..len). */
+static int netblk_parse_port(const char *buf, size_t len, u16 *port)
+{
+	char digits[6];
+
+	if (!len || len >= sizeof(digits))
+		return -EINVAL;
+	memcpy(digits, buf, len);
+	digits[len] = '\0';
+	if (kstrtou16(digits, 10, port) || !*port || !isdigit(digits[0]))
+		return -EINVAL;
+	return 0;
+}
+
+/*
+ * One server list entry, all of @buf[0..len): ADDR4, ADDR4:PORT, ADDR6,
+ * [ADDR6] or [ADDR6]:PORT.  Without a port the entry uses server_port's.
+ */
+static int netblk_parse_server(const char *buf, size_t len,
+			       struct netblk_server *sv)
+{
+	const char *colon, *close;
+
+	sv->sv_port = 0;
+	if (len && buf[0] == '[') {
+		close = memchr(buf, ']', len);
+		if (!close || netblk_parse_ip(buf + 1, close - buf - 1,
+					      &sv->sv_addr) ||
+		    sv->sv_addr.ss_family != AF_INET6)
+			return -EINVAL;
+		if (close == buf + len - 1)
+			return 0;
+		if (close[1] != ':')
+			return -EINVAL;
+		return netblk_parse_port(close + 2, buf + len - close - 2,
+					 &sv->sv_port);
+	}
+	colon = memchr(buf, ':', len);
+	if (colon && !memchr(colon + 1, ':', buf + len - colon - 1)) {
+		/* one colon: ADDR4:PORT */
+		if (netblk_parse_ip(buf, colon - buf, &sv->sv_addr) ||
+		    sv->sv_addr.ss_family != AF_INET)
+			return -EINVAL;
+		return netblk_parse_port(colon + 1, buf + len - colon - 1,
+					 &sv->sv_port);
+	}
+	return netblk_parse_ip(buf, len, &sv->sv_addr);
+}
+
+static bool netblk_same_server(const struct netblk_server *a,
+			       const struct netblk_server *b)
+{
+	if (a->sv_port != b->sv_port ||
+	    a->sv_addr.ss_family != b->sv_addr.ss_family)
+		return false;
+	if (a->sv_addr.ss_family == AF_INET6)
+		return ipv6_addr_equal(
+			&((const struct sockaddr_in6 *)&a->sv_addr)->sin6_addr,
+			&((const struct sockaddr_in6 *)&b->sv_addr)->sin6_addr);
+	return ((const struct sockaddr_in *)&a->sv_addr)->sin_addr.s_addr ==
+	       ((const struct sockaddr_in *)&b->sv_addr)->sin_addr.s_addr;
+}
+
+/* Entries separated by spaces or commas; 1-NETBLK_MAX_SERVERS, distinct. */
+static int netblk_parse_servers(const char *buf, size_t count,
+				struct netblk_server *servers,
+				unsigned int *nr)
+{
+	size_t len = netblk_value_len(buf, count, PAGE_SIZE);
+	const char *end = buf + len, *p = buf, *q;
+	unsigned int i;
+
+	*nr = 0;
+	while (p < end) {
+		if (*p == ' ' || *p == ',') {
+			p++;
+			continue;
+		}
+		for (q = p; q < end && *q != ' ' && *q != ','; q++)
+			;
+		if (*nr == NETBLK_MAX_SERVERS ||
+		    netblk_parse_server(p, q - p, &servers[*nr]))
+			return -EINVAL;
+		for (i = 0; i < *nr; i++)
+			if (netblk_same_server(&servers[i], &servers[*nr]))
+				return -EINVAL;
+		(*nr)++;
+		p = q;
+	}
+	return *nr ? 0 : -EINVAL;
+}
+
+/* Replace the server list, unless a connection is in use; nd_lock taken. */
+static ssize_t netblk_set_servers(struct netblk_dev *dev,
+				  const struct netblk_server *servers,
+				  unsigned int nr, size_t count)
+{
+	ssize_t ret = count;
+
+	mutex_lock(&dev->nd_lock);
+	if (netblk_conn_idle(dev)) {
+		memcpy(dev->nd_conf.cf_servers, servers, nr * sizeof(*servers));
+		dev->nd_conf.cf_nr_servers = nr;
+	} else {
+		ret = -EBUSY;
+	}
+	mutex_unlock(&dev->nd_lock);
+	return ret;
+}
+
+static ssize_t servers_show(struct device *d, struct device_attribute *attr,
+			    char *buf)
+{
+	struct netblk_dev *dev = netblk_from_device(d);
+	struct netblk_conf *cf = &dev->nd_conf;
+	char server[NETBLK_SERVER_STRLEN];
+	const struct netblk_server *sv;
+	ssize_t len = 0;
+	unsigned int i;
+
+	mutex_lock(&dev->nd_lock);
+	for (i = 0; i < cf->cf_nr_servers; i++) {
+		sv = &cf->cf_servers[i];
+		if (sv->sv_port)
+			netblk_conn_format_server(cf, i, server, sizeof(server));
+		else if (sv->sv_addr.ss_family == AF_INET6)
+			snprintf(server, sizeof(server), "%pI6c",
+				 &((struct sockaddr_in6 *)&sv->sv_addr)->sin6_addr);
+		else
+			snprintf(server, sizeof(server), "%pI4",
+				 &((struct sockaddr_in *)&sv->sv_addr)->sin_addr);
+		len += sysfs_emit_at(buf, len, "%s%s", i ? " " : "", server);
+	}
+	len += sysfs_emit_at(buf, len, "\n");
+	mutex_unlock(&dev->nd_lock);
+	return len;
+}
+
+static ssize_t servers_store(struct device *d, struct device_attribute *attr,
+			     const char *buf, size_t count)
+{
+	struct netblk_server servers[NETBLK_MAX_SERVERS];
+	unsigned int nr;
+
+	if (netblk_parse_servers(buf, count, servers, &nr))
+		return -EINVAL;
+	return netblk_set_servers(netblk_from_device(d), servers, nr, count);
+}
+static DEVICE_ATTR_RW(servers);
+
+/* server_ip: the first server's address; a write makes it the only one. */
 static ssize_t server_ip_show(struct device *d, struct device_attribute *attr,
 			      char *buf)
 {
 	struct netblk_dev *dev = netblk_from_device(d);
-	struct sockaddr_storage *ss = &dev->nd_conf.cf_addr;
+	struct sockaddr_storage *ss = &dev->nd_conf.cf_servers[0].sv_addr;
 	ssize_t ret;
 
 	mutex_lock(&dev->nd_lock);
-	if (ss->ss_family == AF_INET)
-		ret = sysfs_emit(buf, "%pI4\n",
-				 &((struct sockaddr_in *)ss)->sin_addr);
+	if (!dev->nd_conf.cf_nr_servers)
+		ret = sysfs_emit(buf, "\n");
 	else if (ss->ss_family == AF_INET6)
 		ret = sysfs_emit(buf, "%pI6c\n",
 				 &((struct sockaddr_in6 *)ss)->sin6_addr);
 	else
-		ret = sysfs_emit(buf, "\n");
+		ret = sysfs_emit(buf, "%pI4\n",
+				 &((struct sockaddr_in *)ss)->sin_addr);
 	mutex_unlock(&dev->nd_lock);
 	return ret;
 }
@@ -90,20 +244,12 @@ static ssize_t server_ip_show(struct device *d, struct device_attribute *attr,
 static ssize_t server_ip_store(struct device *d, struct device_attribute *attr,
 			       const char *buf, size_t count)
 {
-	struct netblk_dev *dev = netblk_from_device(d);
-	struct sockaddr_storage ss;
-	ssize_t ret = count;
+	size_t len = netblk_value_len(buf, count, INET6_ADDRSTRLEN - 1);
+	struct netblk_server server = { .sv_port = 0 };
 
-	if (netblk_parse_ip(buf, count, &ss))
+	if (netblk_parse_ip(buf, len, &server.sv_addr))
 		return -EINVAL;
-
-	mutex_lock(&dev->nd_lock);
-	if (netblk_conn_idle(dev))
-		dev->nd_conf.cf_addr = ss;
-	else
-		ret = -EBUSY;
-	mutex_unlock(&dev->nd_lock);
-	return ret;
+	return netblk_set_servers(netblk_from_device(d), &server, 1, count);
 }
 static DEVICE_ATTR_RW(server_ip);
 
@@ -316,6 +462,7 @@ static ssize_t stats_show(struct device *d, struct device_attribute *attr,
 			  "errors: %lld\n"
 			  "timeouts: %lld\n"
 			  "reconnects: %lld\n"
+			  "failovers: %lld\n"
 			  "inflight: %d\n",
 			  atomic64_read(&st->st_read_bytes),
 			  atomic64_read(&st->st_write_bytes),
@@ -327,9 +474,21 @@ static ssize_t stats_show(struct device *d, struct device_attribute *attr,
 			  atomic64_read(&st->st_errors),
 			  atomic64_read(&st->st_timeouts),
 			  atomic64_read(&st->st_reconnects),
+			  atomic64_read(&st->st_failovers),
 			  atomic_read(&st->st_inflight));
 }
 static DEVICE_ATTR_RO(stats);
+
+static ssize_t current_server_show(struct device *d,
+				   struct device_attribute *attr, char *buf)
+{
+	char server[NETBLK_SERVER_STRLEN];
+
+	netblk_conn_current_server(netblk_from_device(d), server,
+				   sizeof(server));
+	return sysfs_emit(buf, "%s\n", server);
+}
+static DEVICE_ATTR_RO(current_server);
 
 static ssize_t connections_show(struct device *d,
 				struct device_attribute *attr, char *buf)
@@ -340,6 +499,7 @@ static ssize_t connections_show(struct device *d,
 static DEVICE_ATTR_RO(connections);
 
 static struct attribute *netblk_attrs[] = {
+	&dev_attr_servers.attr,
 	&dev_attr_server_ip.attr,
 	&dev_attr_server_port.attr,
 	&dev_attr_export.attr,
@@ -352,6 +512,7 @@ static struct attribute *netblk_attrs[] = {
 	&dev_attr_last_error.attr,
 	&dev_attr_stats.attr,
 	&dev_attr_connections.attr,
+	&dev_attr_current_server.attr,
 	NULL,
 };
 

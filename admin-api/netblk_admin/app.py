@@ -49,7 +49,7 @@ ERRORS = {
     400: "The body could not be read as JSON text (`bad_request`).",
     401: "No or a wrong bearer token (`unauthorized`).",
     404: "No such netblk device (`unknown_device`).",
-    409: "The device's state forbids it (`busy`); server_ip/export not set (`no_target`);"
+    409: "The device's state forbids it (`busy`); no server or export set (`no_target`);"
     " a disconnect request cut the wait short (`preempted`); or the device ended in"
     " another state (`interrupted`).",
     422: "Invalid request, nothing written (`invalid_request`); or the driver refused"

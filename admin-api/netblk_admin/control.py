@@ -44,7 +44,7 @@ GOALS: Mapping[Action, State] = {"connect": State.CONNECTED, "disconnect": State
 REFUSALS: Mapping[int, tuple[int, str, str]] = {
     errno.EBUSY: (409, "busy", "the driver refused: the device is not disconnected or in error"),
     errno.EINVAL: (422, "invalid_value", "the driver refused the value"),
-    errno.EDESTADDRREQ: (409, "no_target", "server_ip/export not set"),
+    errno.EDESTADDRREQ: (409, "no_target", "no server (servers or server_ip) or no export set"),
     errno.ENODEV: (503, "unloading", "netblk.ko is being unloaded"),
 }
 
@@ -149,7 +149,7 @@ class DeviceControl:
 
     def _write_config(self, name: str, values: Mapping[str, str]) -> None:
         if not values.keys().isdisjoint(TARGET_ATTRS):
-            self._require_idle(name, "server_ip, server_port and export change")
+            self._require_idle(name, "servers, server_ip, server_port and export change")
         written: list[str] = []
         for attr, value in values.items():
             try:

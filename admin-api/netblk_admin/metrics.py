@@ -27,6 +27,7 @@ HELP = {
     "errors": "Requests completed with an error.",
     "timeouts": "Requests that hit request_timeout_ms.",
     "reconnects": "Connection losses that started a reconnect.",
+    "failovers": "Connections made to another server of the list than the one before.",
     "inflight": "Requests sent and not yet answered.",
 }
 

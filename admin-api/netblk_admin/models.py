@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Required
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,7 @@ from netblk_admin.sysfs import CONFIG_ATTRS, TARGET_ATTRS, Snapshot, State
 
 # The driver's ranges; it refuses anything outside with -EINVAL.
 PORT_MIN, PORT_MAX = 1, 65535
+MAX_SERVERS = 8
 REQUEST_TIMEOUT_MS_MIN, REQUEST_TIMEOUT_MS_MAX = 100, 3_600_000
 DEAD_TIMEOUT_MS_MIN, DEAD_TIMEOUT_MS_MAX = 0, 86_400_000
 RECONNECT_RETRIES_MIN, RECONNECT_RETRIES_MAX = 0, 1_000_000
@@ -62,6 +63,42 @@ def _integral(value: object) -> object:
 #: Last in an ``Annotated[int, Field(...), ...]`` (so the bounds stay in the
 #: schema): a JSON integer; no strings or booleans (the model is strict).
 INTEGRAL = BeforeValidator(_integral)
+
+
+@with_config(ConfigDict(extra="forbid", strict=True))
+class ServerAddress(TypedDict, total=False):
+    """One entry of the server list: an address, and a port unless the
+    entry uses server_port's."""
+
+    ip: Required[IpLiteral]
+    port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX), INTEGRAL]
+
+
+def server_text(server: ServerAddress) -> str:
+    """The entry as the driver's ``servers`` file takes and shows it."""
+    ip = server["ip"]
+    if "port" not in server:
+        return ip
+    return f"[{ip}]:{server['port']}" if ":" in ip else f"{ip}:{server['port']}"
+
+
+def parse_server_text(text: str) -> ServerAddress:
+    """The inverse of server_text, for what the driver shows."""
+    if text.startswith("["):
+        ip, _, rest = text[1:].partition("]")
+        return {"ip": ip, "port": int(rest[1:])} if rest else {"ip": ip}
+    if text.count(":") == 1:
+        ip, port = text.split(":")
+        return {"ip": ip, "port": int(port)}
+    return {"ip": text}
+
+
+def _distinct(servers: list[ServerAddress]) -> list[ServerAddress]:
+    if len({server_text(server) for server in servers}) != len(servers):
+        raise ValueError("a server is listed twice")
+    return servers
+
+
 # The protocol's one name rule does the validating; the schema only describes it.
 ExportName = Annotated[
     str,
@@ -78,12 +115,25 @@ ExportName = Annotated[
 
 
 # typing_extensions' TypedDict: pydantic needs it on Python < 3.12.
-@with_config(ConfigDict(extra="forbid", strict=True, json_schema_extra={"minProperties": 1}))
+@with_config(
+    ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"minProperties": 1, "not": {"required": ["servers", "server_ip"]}},
+    )
+)
 class ConfigPatch(TypedDict, total=False):
-    """The fields to change; the others keep their values.  server_ip,
-    server_port and export change only while the device is disconnected or
-    in error; the rest at any time."""
+    """The fields to change; the others keep their values.  servers,
+    server_ip, server_port and export change only while the device is
+    disconnected or in error; the rest at any time.  servers is the list
+    tried in order on connect and on failover; server_ip sets a list of
+    one (give one of the two)."""
 
+    servers: Annotated[
+        list[ServerAddress],
+        Field(min_length=1, max_length=MAX_SERVERS, json_schema_extra={"uniqueItems": True}),
+        AfterValidator(_distinct),
+    ]
     server_ip: IpLiteral
     server_port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX), INTEGRAL]
     export: ExportName
@@ -99,6 +149,8 @@ class ConfigPatch(TypedDict, total=False):
 def _not_empty(patch: ConfigPatch) -> ConfigPatch:
     if not patch:
         raise ValueError(f"give at least one of {', '.join(CONFIG_ATTRS)}")
+    if "servers" in patch and "server_ip" in patch:
+        raise ValueError("give servers or server_ip, not both: server_ip sets a list of one")
     return patch
 
 
@@ -108,7 +160,10 @@ ConfigPatchBody = Annotated[ConfigPatch, AfterValidator(_not_empty)]
 def sysfs_values(patch: ConfigPatch) -> dict[str, str]:
     """What to write, attribute by attribute, in CONFIG_ATTRS order."""
     values: Mapping[str, object] = patch
-    return {attr: str(values[attr]) for attr in CONFIG_ATTRS if attr in values}
+    text = {attr: str(values[attr]) for attr in CONFIG_ATTRS if attr in values}
+    if "servers" in patch:
+        text["servers"] = " ".join(map(server_text, patch["servers"]))
+    return text
 
 
 def touches_target(patch: ConfigPatch) -> bool:
@@ -116,7 +171,8 @@ def touches_target(patch: ConfigPatch) -> bool:
 
 
 class DeviceConfig(BaseModel):
-    server_ip: str | None = Field(description="null until set")
+    servers: list[ServerAddress] = Field(description="the server list, in order; empty until set")
+    server_ip: str | None = Field(description="the first server's address; null until set")
     server_port: int
     export: str | None = Field(description="null until set")
     request_timeout_ms: int
@@ -126,6 +182,7 @@ class DeviceConfig(BaseModel):
     @classmethod
     def from_sysfs(cls, values: dict[str, str]) -> DeviceConfig:
         return cls(
+            servers=[parse_server_text(text) for text in values["servers"].split()],
             server_ip=values["server_ip"] or None,
             server_port=int(values["server_port"]),
             export=values["export"] or None,
@@ -139,6 +196,9 @@ class Device(BaseModel):
     name: str = Field(examples=["netblk0"])
     state: State
     last_error: str | None = Field(description="why the last attempt failed; null when empty")
+    current_server: str | None = Field(
+        description="the server connected to or being tried (ADDR:PORT); null when idle"
+    )
     config: DeviceConfig
     stats: dict[str, int] = Field(
         description="the driver's counters since the module was loaded (kmod/README.md)"
@@ -150,6 +210,7 @@ class Device(BaseModel):
             name=snapshot.name,
             state=snapshot.state,
             last_error=snapshot.last_error or None,
+            current_server=snapshot.current_server or None,
             config=DeviceConfig.from_sysfs(dict(snapshot.config)),
             stats=dict(snapshot.stats),
         )

@@ -35,8 +35,9 @@ IDLE = frozenset({State.DISCONNECTED, State.ERROR})
 #: States the driver leaves by itself; a wait goes on through them.
 TRANSIENT = frozenset({State.CONNECTING, State.HANDSHAKING, State.RECONNECTING})
 
-#: Where to connect: -EBUSY unless the state is in IDLE.
-TARGET_ATTRS = ("server_ip", "server_port", "export")
+#: Where to connect: -EBUSY unless the state is in IDLE.  ``servers`` is the
+#: server list; ``server_ip`` its first address (a write makes it the only one).
+TARGET_ATTRS = ("servers", "server_ip", "server_port", "export")
 #: Failure handling: writable in any state.
 TUNABLE_ATTRS = ("request_timeout_ms", "dead_timeout_ms", "reconnect_retries")
 CONFIG_ATTRS = TARGET_ATTRS + TUNABLE_ATTRS
@@ -73,6 +74,8 @@ class Snapshot:
     name: str
     state: State
     last_error: str
+    #: The server connected to or being tried; empty when idle.
+    current_server: str
     config: Mapping[str, str]
     stats: Mapping[str, int]
 
@@ -128,6 +131,7 @@ class DeviceTree:
             name=name,
             state=State(self._read(directory, "state")),
             last_error=self._read(directory, "last_error"),
+            current_server=self._read(directory, "current_server"),
             config={attr: self._read(directory, attr) for attr in CONFIG_ATTRS},
             stats=parse_stats(self._read(directory, "stats")),
         )

@@ -5,7 +5,9 @@ through ``netblk_admin.sysfs.write_attribute``, which ``install`` wraps with
 the driver's store rules, written here from kmod/README.md rather than taken
 from the API's own constants: EINVAL for bad values, EBUSY for a change of
 target or a connect unless disconnected or in error, EDESTADDRREQ for a
-connect without server_ip or export.  A store the driver would take is then
+connect without a server or export.  ``server_ip`` and ``servers`` are two
+views of one list, and ``current_server`` is the list's first entry while a
+connect is under way or done.  A store the driver would take is then
 written by the real function.  As in the driver, ``connect`` is
 ``connecting`` by the time the write returns and ``disconnect`` is done by
 then; timer threads move a connect on to ``handshaking`` and to
@@ -27,6 +29,7 @@ import pytest
 from netblk_admin import sysfs
 
 DEFAULTS = {
+    "servers": "",
     "server_ip": "",
     "server_port": "10910",
     "export": "",
@@ -45,6 +48,7 @@ STATS_KEYS = (
     "errors",
     "timeouts",
     "reconnects",
+    "failovers",
     "inflight",
 )
 RANGES = {
@@ -54,7 +58,8 @@ RANGES = {
     "reconnect_retries": (0, 1_000_000),
 }
 EXPORT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
-TARGET = ("server_ip", "server_port", "export")
+TARGET = ("servers", "server_ip", "server_port", "export")
+MAX_SERVERS = 8
 IDLE = ("disconnected", "error")
 LOGIN_REFUSED = "login to export 'data' refused: NO_EXPORT: no such export"
 
@@ -78,6 +83,7 @@ class FakeDriver:
                 self.set(name, attr, value)
             self.set(name, "state", "disconnected")
             self.set(name, "last_error", "")
+            self.set(name, "current_server", "")
             self.set_stats(name, **dict.fromkeys(STATS_KEYS, 0))
             for attr in ("connect", "disconnect"):
                 (directory / attr).touch(mode=0o200)
@@ -129,13 +135,19 @@ class FakeDriver:
                 raise OSError(code, os.strerror(code))
             self._real_write(path, data)
             self.stores.append((name, attr, value))
-            if attr == "connect":
+            if attr == "server_ip":
+                self.set(name, "servers", value)
+            elif attr == "servers":
+                self.set(name, "servers", " ".join(value.split()))
+                self.set(name, "server_ip", _address(value.split()[0]))
+            elif attr == "connect":
                 self._attempt[name] += 1
                 self.set(name, "last_error", "")
                 self._advance(name, self._attempt[name], "connecting")
             elif attr == "disconnect":
                 self._attempt[name] += 1
                 self.set(name, "state", "disconnected")
+                self.set(name, "current_server", "")
 
     def _refusal(self, name: str, attr: str, value: str) -> int:
         if not _valid(attr, value):
@@ -143,7 +155,7 @@ class FakeDriver:
         state = self.state(name)
         if (attr in TARGET or attr == "connect") and state not in IDLE:
             return errno.EBUSY
-        if attr == "connect" and not (self.read(name, "server_ip") and self.read(name, "export")):
+        if attr == "connect" and not (self.read(name, "servers") and self.read(name, "export")):
             return errno.EDESTADDRREQ
         return 0
 
@@ -154,6 +166,9 @@ class FakeDriver:
         if state == "error":  # the reason first, as netblk.ko sets it
             self.set(name, "last_error", LOGIN_REFUSED)
         self.set(name, "state", state)
+        first = self.read(name, "servers").split()[0]
+        current = "" if state in IDLE else _with_port(first, self.read(name, "server_port"))
+        self.set(name, "current_server", current)
         outcome = self.outcome[name]
         if state == "connecting":
             following = "handshaking"
@@ -173,15 +188,57 @@ class FakeDriver:
             self._advance(name, attempt, state)
 
 
+def _split_entry(entry: str) -> tuple[str, str | None]:
+    """A server list entry's address and port (None: server_port's), in
+    kmod/README.md's forms ADDR4, ADDR4:PORT, ADDR6, [ADDR6], [ADDR6]:PORT."""
+    if entry.startswith("["):
+        address, _, rest = entry[1:].partition("]")
+        return address, rest.removeprefix(":") if rest else None
+    if entry.count(":") == 1:
+        address, port = entry.split(":")
+        return address, port
+    return entry, None
+
+
+def _address(entry: str) -> str:
+    return _split_entry(entry)[0]
+
+
+def _with_port(entry: str, default_port: str) -> str:
+    address, port = _split_entry(entry)
+    port = port or default_port
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _valid_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return "%" not in value
+
+
+def _valid_entry(entry: str) -> bool:
+    address, port = _split_entry(entry)
+    if not _valid_ip(address):
+        return False
+    if entry.startswith("[") and (":" not in address or "]" not in entry):
+        return False  # brackets hold an IPv6 address
+    return port is None or (port.isdigit() and 1 <= int(port) <= 65535)
+
+
 def _valid(attr: str, value: str) -> bool:
     if attr in ("connect", "disconnect"):
         return value == "1"
     if attr == "server_ip":
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            return False
-        return "%" not in value
+        return _valid_ip(value)
+    if attr == "servers":
+        entries = value.replace(",", " ").split()
+        return (
+            0 < len(entries) <= MAX_SERVERS
+            and len(set(entries)) == len(entries)
+            and all(map(_valid_entry, entries))
+        )
     if attr == "export":
         return EXPORT_RE.fullmatch(value) is not None
     low, high = RANGES[attr]

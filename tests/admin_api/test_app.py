@@ -22,6 +22,8 @@ from tests.admin_api.conftest import OTHER_TOKEN
 from tests.admin_api.fake_driver import LOGIN_REFUSED, FakeDriver
 
 TARGET = {"server_ip": "127.0.0.1", "server_port": 10911, "export": "data"}
+#: A valid value of every target field.
+TARGETS = TARGET | {"servers": [{"ip": "127.0.0.1"}, {"ip": "127.0.0.2", "port": 10911}]}
 #: Every operation but health, with a body that would be valid.
 GUARDED: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", "/metrics", None),
@@ -81,7 +83,9 @@ def test_devices_are_listed_with_config_state_and_stats(
     assert [device["name"] for device in devices] == ["netblk0", "netblk1"]
     assert devices[0]["state"] == "disconnected"
     assert devices[0]["last_error"] is None
+    assert devices[0]["current_server"] is None
     assert devices[0]["config"] == {
+        "servers": [],
         "server_ip": None,
         "server_port": 10910,
         "export": None,
@@ -123,9 +127,9 @@ def test_metrics_in_prometheus_text_format(client: TestClient, driver: FakeDrive
     assert 'netblk_state{device="netblk1",state="connected"} 1' in lines
     assert 'netblk_state{device="netblk1",state="disconnected"} 0' in lines
     assert 'netblk_state{device="netblk0",state="disconnected"} 1' in lines
-    # One HELP and TYPE per family (11 stats keys and the state), samples right after.
+    # One HELP and TYPE per family (12 stats keys and the state), samples right after.
     families = [line.split()[2] for line in lines if line.startswith("# TYPE")]
-    assert len(families) == len(set(families)) == 12
+    assert len(families) == len(set(families)) == 13
     family = ""
     for line in lines:
         if line.startswith("# TYPE"):
@@ -257,10 +261,37 @@ def test_a_patch_of_every_field_canonical_addresses(client: TestClient, driver: 
     response = client.patch("/v1/devices/netblk1/config", json=patch)
     assert response.status_code == 200, response.text
     assert response.json()["config"] == patch | {
+        "servers": [{"ip": "2001:db8::10"}],
         "server_ip": "2001:db8::10",
         "reconnect_retries": 1_000_000,
     }
     assert [attr for _, attr, _ in driver.stores] == list(patch)  # one write each, in order
+
+
+def test_a_server_list_is_written_in_one_store_in_canonical_form(
+    client: TestClient, driver: FakeDriver
+) -> None:
+    servers = [
+        {"ip": "192.0.2.10"},
+        {"ip": "192.0.2.11", "port": 10911},
+        {"ip": "2001:DB8::1", "port": 10912.0},
+        {"ip": "2001:db8::2"},
+    ]
+    response = client.patch("/v1/devices/netblk1/config", json={"servers": servers})
+    assert response.status_code == 200, response.text
+    canonical = [
+        {"ip": "192.0.2.10"},
+        {"ip": "192.0.2.11", "port": 10911},
+        {"ip": "2001:db8::1", "port": 10912},
+        {"ip": "2001:db8::2"},
+    ]
+    assert response.json()["config"]["servers"] == canonical
+    assert response.json()["config"]["server_ip"] == "192.0.2.10"
+    text = "192.0.2.10 192.0.2.11:10911 [2001:db8::1]:10912 2001:db8::2"
+    assert driver.stores == [("netblk1", "servers", text)]
+    # server_ip makes a list of one
+    client.patch("/v1/devices/netblk1/config", json={"server_ip": "192.0.2.20"})
+    assert client.get("/v1/devices/netblk1/config").json()["servers"] == [{"ip": "192.0.2.20"}]
 
 
 def bodies() -> list[Any]:
@@ -275,6 +306,24 @@ def bodies() -> list[Any]:
             "1.2.3.4\n",
             "",
             1,
+            None,
+        ],
+        "servers": [
+            [],
+            [{"ip": "192.0.2.1"}] * 2,
+            [{"ip": "2001:db8::1"}, {"ip": "2001:DB8:0::1"}],
+            [{"ip": f"192.0.2.{i}"} for i in range(9)],
+            [{"ip": "192.0.2.1", "port": 0}],
+            [{"ip": "192.0.2.1", "port": 65536}],
+            [{"ip": "192.0.2.1", "port": "80"}],
+            [{"ip": "192.0.2.1:80"}],
+            [{"ip": "[2001:db8::1]"}],
+            [{"ip": "fe80::1%eth0"}],
+            [{"ip": "localhost"}],
+            [{"port": 80}],
+            [{"ip": "192.0.2.1", "host": "x"}],
+            ["192.0.2.1"],
+            "192.0.2.1",
             None,
         ],
         "server_port": [0, 65536, -1, "10910", True, 1.5, None],
@@ -298,6 +347,7 @@ def bodies() -> list[Any]:
     # One bad field spoils the whole patch: nothing is written.
     cases += [
         {"server_port": 10911, "export": "../x"},
+        {"servers": [{"ip": "192.0.2.1"}], "server_ip": "192.0.2.2"},
         {"request_timeout_ms": 500, "bogus": 1},
         {"state": "connected"},
         {},
@@ -331,14 +381,14 @@ def test_a_body_that_is_not_json_is_refused(client: TestClient, driver: FakeDriv
 
 
 @pytest.mark.parametrize("state", ["connecting", "handshaking", "connected", "reconnecting"])
-@pytest.mark.parametrize("field", ["server_ip", "server_port", "export"])
+@pytest.mark.parametrize("field", ["servers", "server_ip", "server_port", "export"])
 def test_the_target_changes_only_while_idle(
     client: TestClient, driver: FakeDriver, state: str, field: str
 ) -> None:
     driver.set("netblk0", "state", state)
     before = driver.files()
     body = assert_error(
-        client.patch("/v1/devices/netblk0/config", json={field: TARGET[field]}), 409, "busy"
+        client.patch("/v1/devices/netblk0/config", json={field: TARGETS[field]}), 409, "busy"
     )
     assert body["state"] == state
     assert driver.stores == []

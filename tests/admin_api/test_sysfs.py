@@ -42,7 +42,9 @@ def test_a_snapshot_reads_every_file(tree: DeviceTree) -> None:
     assert snapshot.config["server_port"] == "10910"
     assert snapshot.config["server_ip"] == ""
     assert snapshot.stats["inflight"] == 0
-    assert len(snapshot.stats) == 11
+    assert snapshot.current_server == ""
+    assert snapshot.config["servers"] == ""
+    assert len(snapshot.stats) == 12
 
 
 @pytest.mark.parametrize("name", ["netblk7", "netblk", "sda", "loop0", "NETBLK0", *TRAVERSALS])

@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from storaged.cli import main as storaged_cli
 from tests.pki_fixtures import PkiFiles
@@ -52,6 +53,35 @@ def wait_state(dev: str, wanted: set[str], timeout: float = CONNECT_WAIT) -> str
     return state
 
 
+def connect_through(*ports: int, dev: str = "netblk0", export: str = "data") -> str:
+    """Connect ``dev`` through the server list 127.0.0.1 at ``ports``."""
+    set_sysfs(dev, "servers", " ".join(f"127.0.0.1:{port}" for port in ports))
+    set_sysfs(dev, "export", export)
+    set_sysfs(dev, "connect", "1")
+    return wait_state(dev, {"connected", "error"})
+
+
+#: Random 4 KiB writes over 8 MiB, then every block read back and checked.
+FIO = [
+    "fio", "--name=failover", "--filename=/dev/netblk0", "--ioengine=libaio",
+    "--direct=1", "--bs=4k", "--iodepth=8", "--size=8m", "--rw=randwrite",
+    "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+]  # fmt: skip
+
+
+def start_fio() -> subprocess.Popen[str]:
+    return subprocess.Popen(FIO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_fio(job: subprocess.Popen[str]) -> dict[str, Any]:
+    """fio's job report, once it ended well: exit 0, no error, verified."""
+    out, err = job.communicate(timeout=1200)
+    assert job.returncode == 0, err
+    result: dict[str, Any] = json.loads(out)["jobs"][0]
+    assert result["error"] == 0
+    return result
+
+
 def run(*argv: str, timeout: float = 600) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
@@ -84,22 +114,28 @@ class BridgeProcess:
             assert self.proc.wait(timeout=30) == 0, self.log.read_text()
 
 
-def bridge_config(stack: Stack, client: str = "alice", **overrides: str) -> str:
+def bridge_config(
+    stack: Stack, client: str = "alice", *, ports: Sequence[int] = (), **overrides: str
+) -> str:
+    """One [[servers]] entry for 127.0.0.1 at each of ``ports`` (default:
+    the stack's), all with ``client``'s credentials."""
     cert, key = stack.client_tls(client)
     token = stack.root / f"{client}.token"
     token.write_text(stack.tokens[client] + "\n")
     token.chmod(0o600)
-    entry = {
-        "address": "127.0.0.1",
-        "port": str(stack.port),
-        "server_name": "localhost",
-        "ca": str(stack.pki.ca_cert),
-        "cert": str(cert),
-        "key": str(key),
-        "token_file": str(token),
-    } | overrides
-    lines = ["[log]", 'level = "DEBUG"', "[[servers]]"]
-    lines += [f"{k} = {v}" if k == "port" else f'{k} = "{v}"' for k, v in entry.items()]
+    lines = ["[log]", 'level = "DEBUG"']
+    for port in ports or (stack.port,):
+        entry = {
+            "address": "127.0.0.1",
+            "port": str(port),
+            "server_name": "localhost",
+            "ca": str(stack.pki.ca_cert),
+            "cert": str(cert),
+            "key": str(key),
+            "token_file": str(token),
+        } | overrides
+        lines += ["[[servers]]"]
+        lines += [f"{k} = {v}" if k == "port" else f'{k} = "{v}"' for k, v in entry.items()]
     return "\n".join(lines) + "\n"
 
 

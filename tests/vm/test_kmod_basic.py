@@ -45,9 +45,11 @@ STATS_KEYS = [
     "errors",
     "timeouts",
     "reconnects",
+    "failovers",
     "inflight",
 ]
 WRITABLE = [
+    "servers",
     "server_ip",
     "server_port",
     "export",
@@ -55,7 +57,7 @@ WRITABLE = [
     "dead_timeout_ms",
     "reconnect_retries",
 ]
-READABLE = [*WRITABLE, "state", "last_error", "stats", "connections"]
+READABLE = [*WRITABLE, "state", "last_error", "stats", "connections", "current_server"]
 
 # --- the netlink contract: the drift-tested mirror of the UAPI header -----------
 
@@ -577,6 +579,7 @@ def test_devices_appear_with_capacity_zero(netblk: None) -> None:
 
 def test_defaults(netblk: None) -> None:
     assert snapshot("netblk1") == {
+        "servers": "",
         "server_ip": "",
         "server_port": "10910",
         "export": "",
@@ -587,6 +590,7 @@ def test_defaults(netblk: None) -> None:
         "last_error": "",
         "stats": read("netblk1", "stats"),
         "connections": "0",
+        "current_server": "",
     }
 
 
@@ -607,10 +611,11 @@ def test_attribute_modes(netblk: None) -> None:
         "last_error": 0o444,
         "stats": 0o444,
         "connections": 0o444,
+        "current_server": 0o444,
         "connect": 0o200,
         "disconnect": 0o200,
     }
-    for name in ["state", "last_error", "stats", "connections"]:
+    for name in ["state", "last_error", "stats", "connections", "current_server"]:
         with pytest.raises(PermissionError):
             write("netblk0", name, "x")
 
@@ -624,6 +629,20 @@ def test_attribute_modes(netblk: None) -> None:
         ("server_ip", "2001:db8::1", "2001:db8::1"),
         ("server_ip", "2001:0db8:0000:0000:0000:0000:0000:0002", "2001:db8::2"),
         ("server_ip", "::1", "::1"),
+        ("servers", "192.0.2.7", "192.0.2.7"),
+        ("servers", "192.0.2.7:80\n", "192.0.2.7:80"),
+        ("servers", "192.0.2.7:080", "192.0.2.7:80"),
+        ("servers", "[2001:db8::1]:65535", "[2001:db8::1]:65535"),
+        ("servers", "[2001:0db8::0001]", "2001:db8::1"),
+        ("servers", "2001:db8::1", "2001:db8::1"),
+        ("servers", "::1:80", "::1:80"),  # an IPv6 address; a port needs brackets
+        ("servers", "192.0.2.1 192.0.2.1:80", "192.0.2.1 192.0.2.1:80"),
+        ("servers", " 192.0.2.1,192.0.2.2 ,, [::1]:9 ", "192.0.2.1 192.0.2.2 [::1]:9"),
+        (
+            "servers",
+            " ".join(f"192.0.2.{i}" for i in range(8)),
+            " ".join(f"192.0.2.{i}" for i in range(8)),
+        ),
         ("server_port", "1", "1"),
         ("server_port", "65535\n", "65535"),
         ("export", "a", "a"),
@@ -646,6 +665,33 @@ def test_valid_values_are_taken(netblk: None, name: str, value: str, shown: str)
 
 
 GARBAGE: dict[str, list[str | bytes]] = {
+    "servers": [
+        "\n",
+        " ",
+        ",",
+        " , \n",
+        " ".join(f"192.0.2.{i}" for i in range(9)),
+        "192.0.2.1 192.0.2.1",
+        "192.0.2.1:80,192.0.2.1:80",
+        "2001:db8::1 2001:DB8:0::1",
+        "192.0.2.1:0",
+        "192.0.2.1:65536",
+        "192.0.2.1:",
+        "192.0.2.1:+80",
+        "192.0.2.1:8x",
+        "192.0.2.1:80:81",
+        "[192.0.2.1]:80",
+        "[::1",
+        "[::1]80",
+        "[::1]:",
+        "[[::1]]:80",
+        "localhost:80",
+        "192.0.2.1\t192.0.2.2",
+        "192.0.2.1\n192.0.2.2",
+        "fe80::1%eth0",
+        b"192.0.2.1\0",
+        "x" * 100,
+    ],
     "server_ip": [
         "\n",
         "1.2.3",
@@ -722,6 +768,17 @@ def test_garbage_is_rejected_and_changes_nothing(netblk: None, name: str) -> Non
         assert {dev: snapshot(dev) for dev in ("netblk0", "netblk1")} == before, repr(value)
 
 
+def test_server_ip_is_the_first_server_and_sets_a_list_of_one(netblk: None) -> None:
+    write("netblk0", "servers", "192.0.2.1:81 [2001:db8::1]:82 192.0.2.3")
+    assert read("netblk0", "server_ip") == "192.0.2.1"
+    write("netblk0", "server_ip", "2001:db8::9")
+    assert read("netblk0", "servers") == "2001:db8::9"
+    # server_port is the port of the entries that name none
+    write("netblk0", "server_port", "10999")
+    assert read("netblk0", "servers") == "2001:db8::9"
+    assert read("netblk0", "server_port") == "10999"
+
+
 def test_empty_write_changes_nothing(netblk: None) -> None:
     before = snapshot("netblk0")
     for name in [*WRITABLE, "connect", "disconnect"]:
@@ -740,6 +797,28 @@ def test_connect_refused(dev0: str) -> None:
 def test_connect_refused_ipv6(dev0: str) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
     configure(dev0, "::1", free_port())
+    write(dev0, "connect", "1")
+    assert wait_state(dev0, "error") == "error"
+    assert read(dev0, "last_error") == "connect: connection refused"
+
+
+def test_the_first_connect_tries_each_server_once(dev0: str) -> None:
+    """Refused, refused, then one that answers (but with no tls-bridge)."""
+    with listener() as srv:
+        write(
+            dev0,
+            "servers",
+            f"127.0.0.1:{free_port()} 127.0.0.1:{free_port()} 127.0.0.1:{srv.getsockname()[1]}",
+        )
+        write(dev0, "export", "vol1")
+        write(dev0, "connect", "1")
+        assert wait_state(dev0, "error") == "error"
+        assert read(dev0, "last_error") == "no tls-bridge is listening"
+        conn, _ = srv.accept()
+        conn.close()
+    assert read(dev0, "current_server") == ""
+    # every one refused: the last one's reason
+    write(dev0, "servers", f"127.0.0.1:{free_port()} 127.0.0.2:{free_port()}")
     write(dev0, "connect", "1")
     assert wait_state(dev0, "error") == "error"
     assert read(dev0, "last_error") == "connect: connection refused"
@@ -1199,6 +1278,8 @@ class FakeBridge:
 
     def __init__(self, server: FakeServer, flags: int = EXPORT_ALL) -> None:
         self.server = server
+        #: Every server it hands connections to, by port (add more to fail over).
+        self.servers = {server.port: server}
         self.flags = flags
         self.fail_reason: str | None = None
         self.handshakes = 0
@@ -1232,7 +1313,8 @@ class FakeBridge:
                 with contextlib.suppress(FileNotFoundError):
                     self.ctl.done_failed(accepted, errno.ECONNREFUSED, self.fail_reason)
                 return
-            assert self.server.keyed_event(sock.getsockname()[1]).wait(10)
+            server = self.servers[accepted.port]
+            assert server.keyed_event(sock.getsockname()[1]).wait(10)
             install_ktls(sock, tx="c2s", rx="s2c")
             self.handshakes += 1
             with contextlib.suppress(FileNotFoundError):
@@ -1395,6 +1477,46 @@ def test_connection_loss_requeues_and_reconnects(served: tuple[FakeServer, FakeB
     assert st["errors"] == base["errors"]
     assert read("netblk0", "last_error") == "connection lost: server closed the connection"
     assert dio_read(1 << 20, len(data)) == data
+
+
+def test_a_lost_connection_fails_over_to_the_next_server(dev0: str) -> None:
+    """Two servers on one export (the second shares the first's data): a
+    write the first takes and never answers is sent again to the second,
+    which the device then stays on; stats count the failover."""
+    first, second = FakeServer(), FakeServer()
+    second.data = first.data
+    bridge = FakeBridge(first)
+    bridge.servers[second.port] = second
+    try:
+        write(dev0, "servers", f"127.0.0.1:{first.port},127.0.0.1:{second.port}")
+        write(dev0, "export", "fake")
+        write(dev0, "connect", "1")
+        assert wait_state(dev0, "connected", "error") == "connected", read(dev0, "last_error")
+        assert read(dev0, "current_server") == f"127.0.0.1:{first.port}"
+        base = stats(dev0)
+        assert base["failovers"] == 0
+        before = random.Random(11).randbytes(8192)
+        dio_write(0, before)
+        data = random.Random(12).randbytes(65536)
+        first.drop_next = OP_WRITE
+        first.close()  # and it does not come back
+        dio_write(1 << 20, data)
+        assert read(dev0, "state") == "connected"
+        assert read(dev0, "current_server") == f"127.0.0.1:{second.port}"
+        st = stats(dev0)
+        assert st["failovers"] - base["failovers"] == 1
+        assert st["reconnects"] - base["reconnects"] == 1
+        assert st["errors"] == base["errors"]
+        assert (OP_WRITE, 0, 1 << 20, len(data)) in second.ops(OP_WRITE)
+        assert dio_read(0, len(before)) == before
+        assert dio_read(1 << 20, len(data)) == data
+    finally:
+        with contextlib.suppress(OSError):
+            write(dev0, "disconnect", "1")
+        bridge.close()
+        first.close()
+        second.close()
+    assert read(dev0, "current_server") == ""
 
 
 def test_request_timeout_requeues_and_reconnects(served: tuple[FakeServer, FakeBridge]) -> None:
