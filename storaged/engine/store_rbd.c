@@ -169,10 +169,10 @@ struct rbds_target {
 	const char *pool, *image, *conf, *client, *keyring;
 };
 
-/* Connect to the cluster and open the image (blocks: no GIL).  Returns 0,
+/* Connect to the cluster and open the pool (blocks: no GIL).  Returns 0,
  * or a negative errno with *@step naming what failed. */
-static int rbds_connect(struct rbds_store *rbd, const struct rbds_target *t,
-		       const char **step)
+static int rbds_pool(struct rbds_store *rbd, const struct rbds_target *t,
+		     const char **step)
 {
 	size_t i;
 	int err;
@@ -206,10 +206,19 @@ static int rbds_connect(struct rbds_store *rbd, const struct rbds_target *t,
 		return err;
 	*step = "opening the pool";
 	err = rados_ioctx_create(rbd->cluster, t->pool, &rbd->ioctx);
-	if (err < 0) {
+	if (err < 0)
 		rbd->ioctx = NULL;
+	return err;
+}
+
+/* rbds_pool(), then open the image; the same contract. */
+static int rbds_connect(struct rbds_store *rbd, const struct rbds_target *t,
+			const char **step)
+{
+	int err = rbds_pool(rbd, t, step);
+
+	if (err < 0)
 		return err;
-	}
 	*step = "opening the image";
 	err = rbd_open(rbd->ioctx, t->image, &rbd->image, NULL);
 	if (err < 0)
@@ -431,7 +440,43 @@ static PyObject *rbds_write_object(EngStore *self, PyObject *args)
 	Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(rbds_create_doc,
+"create(pool, image, size, *, conf, client, keyring) -> None\n\n"
+"Create an RBD image of size bytes with the cluster's default features\n"
+"(exclusive-lock among them, which the managed lock needs).  Raises\n"
+"OSError naming the step: EEXIST if the image exists.");
+
+static PyObject *rbds_create(PyObject *Py_UNUSED(cls), PyObject *args,
+			     PyObject *kwds)
+{
+	static char *kwlist[] = { "pool", "image", "size", "conf", "client",
+				  "keyring", NULL };
+	struct rbds_target t = { .keyring = NULL };
+	struct rbds_store rbd = { .cluster = NULL };
+	unsigned long long size;
+	const char *step;
+	int order = 0, err;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "ssK$ssz:create", kwlist,
+					 &t.pool, &t.image, &size, &t.conf,
+					 &t.client, &t.keyring))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	err = rbds_pool(&rbd, &t, &step);
+	if (!err) {
+		step = "creating the image";
+		err = rbd_create(rbd.ioctx, t.image, size, &order);
+	}
+	rbds_close_all(&rbd);
+	Py_END_ALLOW_THREADS
+	if (err < 0)
+		return rbds_error(err, step, &t);
+	Py_RETURN_NONE;
+}
+
 static PyMethodDef rbds_methods[] = {
+	{ "create", (PyCFunction)(void (*)(void))rbds_create,
+	  METH_VARARGS | METH_KEYWORDS | METH_STATIC, rbds_create_doc },
 	{ "lock", (PyCFunction)rbds_lock, METH_NOARGS, rbds_lock_doc },
 	{ "unlock", (PyCFunction)rbds_unlock, METH_NOARGS, rbds_unlock_doc },
 	{ "lock_owners", (PyCFunction)rbds_lock_owners, METH_NOARGS,

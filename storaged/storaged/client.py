@@ -10,6 +10,7 @@ sends the unanswered requests again, until a dead timeout.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import itertools
@@ -67,7 +68,36 @@ class ExportInfo:
         return bool(self.flags & ExportFlag.READ_ONLY)
 
 
-class NetblkClient:
+class Requests(abc.ABC):
+    """The requests by name, on top of a client's ``request``."""
+
+    @abc.abstractmethod
+    async def request(
+        self, op: Cmd, offset: int = 0, length: int = 0, *, flags: int = 0, data: bytes = b""
+    ) -> bytes:
+        """Send one request and wait for its reply; returns READ's data."""
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.request(Cmd.READ, offset, length)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        flags = CmdFlag.FUA if fua else 0
+        await self.request(Cmd.WRITE, offset, len(data), flags=flags, data=data)
+
+    async def flush(self) -> None:
+        await self.request(Cmd.FLUSH)
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self.request(Cmd.TRIM, offset, length, flags=CmdFlag.FUA if fua else 0)
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
+    ) -> None:
+        flags = (CmdFlag.NO_HOLE if no_hole else 0) | (CmdFlag.FUA if fua else 0)
+        await self.request(Cmd.WRITE_ZEROES, offset, length, flags=flags)
+
+
+class NetblkClient(Requests):
     """One logged-in connection to one export."""
 
     def __init__(
@@ -162,25 +192,6 @@ class NetblkClient:
             raise RequestError(op, reply.error)
         return reply.data
 
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.request(Cmd.READ, offset, length)
-
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        flags = CmdFlag.FUA if fua else 0
-        await self.request(Cmd.WRITE, offset, len(data), flags=flags, data=data)
-
-    async def flush(self) -> None:
-        await self.request(Cmd.FLUSH)
-
-    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await self.request(Cmd.TRIM, offset, length, flags=CmdFlag.FUA if fua else 0)
-
-    async def write_zeroes(
-        self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False
-    ) -> None:
-        flags = (CmdFlag.NO_HOLE if no_hole else 0) | (CmdFlag.FUA if fua else 0)
-        await self.request(Cmd.WRITE_ZEROES, offset, length, flags=flags)
-
     async def close(self) -> None:
         """Send DISCONNECT after outstanding requests and wait for the close."""
         if self._failure is None and not self._writer.is_closing():
@@ -215,7 +226,7 @@ class Server:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-class FailoverClient:
+class FailoverClient(Requests):
     """One export through a list of servers, like netblk.ko's ``servers``.
 
     A request that times out or whose connection is lost is sent again on
@@ -328,16 +339,6 @@ class FailoverClient:
                 )
             except (ConnectionLost, TimeoutError):
                 await self._lost(client)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self.request(Cmd.READ, offset, length)
-
-    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
-        flags = CmdFlag.FUA if fua else 0
-        await self.request(Cmd.WRITE, offset, len(data), flags=flags, data=data)
-
-    async def flush(self) -> None:
-        await self.request(Cmd.FLUSH)
 
     async def close(self) -> None:
         async with self._lock:

@@ -1,5 +1,10 @@
 """``storaged volume ...``: create and manage LUKS2-encrypted volume files.
 
+A volume may also be a Ceph RBD image, named ``rbd:POOL/IMAGE`` with the
+cephx options (``--ceph-client``, ``--ceph-conf``, ``--ceph-keyring``):
+``create`` makes the image and writes the LUKS2 header into it, ``info``
+reads it.  The image then holds what a volume file holds.
+
 Passphrases never come from the command line (it is visible in ``ps`` and
 shell history): they come from a file (``-`` is stdin), an environment
 variable, or an interactive prompt.  KDF flags mirror cryptsetup's names so an
@@ -12,16 +17,26 @@ passphrase source and stdin is not a terminal").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import getpass
 import json
 import os
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from netblk.tomlconf import ConfigError
 from storaged import config, luks2
+from storaged._engine import RbdStore
+from storaged.config import Location, RbdImage
+from storaged.volume import header_file, open_store
+
+RBD_PREFIX = "rbd:"
+#: Where ``create`` lays out an image's header before copying it in (RAM
+#: where there is some: the keyslots never touch a disk this way).
+SCRATCH_DIR = Path("/dev/shm")  # noqa: S108 - a private 0700 directory is made inside
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -139,22 +154,81 @@ def _kdf_from_args(args: argparse.Namespace) -> tuple[luks2.KdfParams, int | Non
 # --------------------------------------------------------------------------
 
 
+def _location(args: argparse.Namespace) -> Location:
+    """The volume ``args.path`` names: a file, or ``rbd:POOL/IMAGE``."""
+    text: str = args.path
+    if not text.startswith(RBD_PREFIX):
+        for option in ("ceph_client", "ceph_conf", "ceph_keyring"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise CliError(f"{flag} is for rbd:POOL/IMAGE volumes", EXIT_USAGE)
+        return Path(text)
+    pool, slash, image = text.removeprefix(RBD_PREFIX).partition("/")
+    if not (pool and slash and image) or "/" in image:
+        raise CliError(f"expected rbd:POOL/IMAGE, got {text!r}", EXIT_USAGE)
+    if args.ceph_client is None:
+        raise CliError("an rbd: volume needs --ceph-client (the cephx id)", EXIT_USAGE)
+    return RbdImage(
+        pool=pool,
+        image=image,
+        conf=args.ceph_conf or Path("/etc/ceph/ceph.conf"),
+        client=args.ceph_client.removeprefix("client."),
+        keyring=args.ceph_keyring,
+    )
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    where = SCRATCH_DIR if SCRATCH_DIR.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="netblk-volume-", dir=where) as directory:
+        yield Path(directory) / "volume.luks"
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
+    location = _location(args)
     passphrase = _current_passphrase(args, confirm=True)
     kdf, digest_iterations = _kdf_from_args(args)
-    info = luks2.format_volume(
-        args.path,
-        args.size,
-        passphrase,
-        kdf,
-        label=args.label,
-        digest_iterations=digest_iterations,
-    )
-    print(f"created {args.path}: {info.data_size} bytes, uuid {info.uuid}")
+
+    def format_at(path: Path) -> luks2.VolumeInfo:
+        return luks2.format_volume(
+            path,
+            args.size,
+            passphrase,
+            kdf,
+            label=args.label,
+            digest_iterations=digest_iterations,
+        )
+
+    if isinstance(location, RbdImage):
+        with _scratch() as scratch:
+            info = format_at(scratch)
+            _create_image(location, info, scratch)
+    else:
+        info = format_at(location)
+    print(f"created {location}: {info.data_size} bytes, uuid {info.uuid}")
     return EXIT_OK
 
 
-def _format_info(path: Path, info: luks2.VolumeInfo) -> str:
+def _create_image(image: RbdImage, info: luks2.VolumeInfo, laid_out: Path) -> None:
+    """Make the image as large as the volume file at ``laid_out`` and copy
+    its header and keyslots in (the data area of both reads as zeros)."""
+    try:
+        RbdStore.create(
+            image.pool,
+            image.image,
+            info.data_offset + info.data_size,
+            conf=str(image.conf),
+            client=image.client,
+            keyring=str(image.keyring) if image.keyring else None,
+        )
+        store = open_store(image, writable=True)
+        store.pwrite(0, laid_out.read_bytes()[: info.data_offset])
+        store.flush()
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _format_info(path: Location, info: luks2.VolumeInfo) -> str:
     lines = [
         f"Path:         {path}",
         f"UUID:         {info.uuid}",
@@ -179,13 +253,22 @@ def _format_info(path: Path, info: luks2.VolumeInfo) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    info = luks2.read_info(args.path)
+    location = _location(args)
+    if isinstance(location, RbdImage):
+        try:
+            store = open_store(location, writable=False)
+            with header_file(location, store) as header:
+                info = luks2.read_info(header)
+        except OSError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        info = luks2.read_info(location)
     if args.json:
         document = dataclasses.asdict(info)
-        document["path"] = str(args.path)
+        document["path"] = str(location)
         print(json.dumps(document, indent=2))
     else:
-        print(_format_info(args.path, info))
+        print(_format_info(location, info))
     return EXIT_OK
 
 
@@ -227,6 +310,17 @@ def _add_passphrase_source(parser: argparse.ArgumentParser, prefix: str, what: s
         f"--{prefix}passphrase-env",
         metavar="VAR",
         help=f"read the {what} from environment variable VAR",
+    )
+
+
+def _add_ceph_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("for an rbd:POOL/IMAGE volume")
+    group.add_argument("--ceph-client", metavar="ID", help="cephx id (with or without client.)")
+    group.add_argument(
+        "--ceph-conf", type=Path, metavar="FILE", help="ceph.conf (default /etc/ceph/ceph.conf)"
+    )
+    group.add_argument(
+        "--ceph-keyring", type=Path, metavar="FILE", help="keyring (default: ceph.conf's)"
     )
 
 
@@ -283,8 +377,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     commands = volume.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
 
-    create = commands.add_parser("create", help="create a new encrypted volume file")
-    create.add_argument("path", type=Path, metavar="PATH")
+    create = commands.add_parser(
+        "create", help="create a new encrypted volume file (or RBD image: rbd:POOL/IMAGE)"
+    )
+    create.add_argument("path", metavar="PATH")
+    _add_ceph_options(create)
     create.add_argument(
         "--size", type=parse_size, required=True, help="data size: 4096, 64M, 1G, 1GiB, ..."
     )
@@ -294,7 +391,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     create.set_defaults(func=_handle_errors(_cmd_create))
 
     info = commands.add_parser("info", help="show a volume's header")
-    info.add_argument("path", type=Path, metavar="PATH")
+    info.add_argument("path", metavar="PATH")
+    _add_ceph_options(info)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_handle_errors(_cmd_info))
 

@@ -4,7 +4,9 @@ and the cluster only ever holds ciphertext."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
 import random
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from netblk.protocol.constants import BLOCK_SIZE
-from storaged import luks2
+from storaged import luks2, volume_cli
 from storaged._engine import RbdStore
 from storaged.client import NetblkClient
 from storaged.config import RbdImage, load_config
@@ -183,3 +185,61 @@ def test_an_osd_killed_under_a_verified_write_load_loses_nothing(rbd_stack: Stac
 
     run(body())
     ceph.wait_healthy()
+
+
+def test_volume_create_makes_and_formats_an_image_that_storaged_unlocks(
+    ceph: MiniCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``storaged volume create rbd:POOL/IMAGE``: the image is as large as a
+    volume file would be, ``info`` reads its header, the passphrase unlocks
+    it, and a second create refuses to overwrite it."""
+    image = f"created-{os.getpid()}"
+    passphrase = tmp_path / "pass"
+    passphrase.write_bytes(PASSPHRASE + b"\n")
+    cephx = [
+        "--ceph-client", f"client.{CLIENT}", "--ceph-conf", str(ceph.conf),
+        "--ceph-keyring", str(ceph.keyring()),
+    ]  # fmt: skip
+    create = ["create", f"rbd:netblk/{image}", "--size", "8M", "--passphrase-file", passphrase]
+    assert run_volume_cli(*create, *cephx, *FAST_KDF) == 0
+    assert f"created rbd:netblk/{image}: 8388608 bytes" in capsys.readouterr().out
+    assert run_volume_cli("info", f"rbd:netblk/{image}", "--json", *cephx) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["path"], info["data_size"]) == (f"rbd:netblk/{image}", 8 << 20)
+    assert json.loads(ceph.rbd("info", "--format", "json", f"netblk/{image}"))["size"] == (
+        info["data_offset"] + info["data_size"]
+    )
+    location = RbdImage("netblk", image, ceph.conf, CLIENT, ceph.keyring())
+    volume = Volume.open(location, PASSPHRASE)
+    assert volume.size == 8 << 20
+    volume.close()
+    assert run_volume_cli(*create, *cephx, *FAST_KDF) == 1
+    assert "creating the image: File exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["info", "rbd:netblk"], "expected rbd:POOL/IMAGE"),
+        (["info", "rbd:/image", "--ceph-client", "x"], "expected rbd:POOL/IMAGE"),
+        (["info", "rbd:a/b/c", "--ceph-client", "x"], "expected rbd:POOL/IMAGE"),
+        (["info", "rbd:netblk/x"], "needs --ceph-client"),
+        (["info", "volume.luks", "--ceph-client", "x"], "--ceph-client is for rbd:POOL/IMAGE"),
+    ],
+)
+def test_bad_rbd_volume_names_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_volume_cli(*argv) == 2
+    assert message in capsys.readouterr().err
+
+
+FAST_KDF = ["--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--pbkdf-parallel", "1"]
+
+
+def run_volume_cli(*argv: str | Path) -> int:
+    parser = argparse.ArgumentParser(prog="storaged")
+    volume_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["volume", *map(str, argv)])
+    code: int = args.func(args)
+    return code
