@@ -268,6 +268,10 @@ def _require_ca(cert: x509.Certificate) -> None:
         raise ValueError(f"{cert.subject.rfc4514_string()} is not a CA certificate")
 
 
+#: The last moment an X.509 certificate can name (GeneralizedTime's).
+LAST_MOMENT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
 def _validity(
     days: int, not_before: datetime | None, not_after: datetime | None
 ) -> tuple[datetime, datetime]:
@@ -275,6 +279,11 @@ def _validity(
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
     start = _aware(not_before) if not_before is not None else datetime.now(UTC) - CLOCK_SKEW
+    most = (LAST_MOMENT - start).days
+    if not_after is None and days > most:
+        raise ValueError(
+            f"days must be at most {most} (X.509 dates end with the year 9999), got {days}"
+        )
     end = _aware(not_after) if not_after is not None else start + timedelta(days=days)
     if end <= start:
         raise ValueError(f"not_after ({end}) must be later than not_before ({start})")

@@ -366,3 +366,25 @@ def test_python_dash_m() -> None:
     )
     assert result.returncode == 2
     _assert_clean_error(result.stderr, "no token source")
+
+
+@pytest.mark.parametrize("days", ["100000000", "2914000", "-1", "0", "x", "1e3", ""])
+@pytest.mark.parametrize("kind", ["ca", "server", "client"])
+def test_a_validity_x509_cannot_say_is_a_one_line_error(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, days: str
+) -> None:
+    """Beyond 9999-12-31 (X.509's last date) or below a day: exit 1 and a
+    line saying so; not a number: argparse's usage error, exit 2."""
+    argv = {
+        "ca": ["ca", "--dir", str(tmp_path / "other")],
+        "server": ["server", "--dir", str(ca_dir), "--name", "s", "--ip", "127.0.0.1", "--force"],
+        "client": ["client", "bob", "--dir", str(ca_dir), "--force"],
+    }[kind]
+    if days.lstrip("-").isdigit():
+        assert main([*argv, "--days", days]) == 1
+        _assert_clean_error(capsys.readouterr().err, "days must be")
+        return
+    assert main([*argv, "--days", days]) == 2
+    err = capsys.readouterr().err
+    assert "argument --days: invalid int value" in err
+    assert "Traceback" not in err
