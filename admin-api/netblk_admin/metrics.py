@@ -1,18 +1,23 @@
 """The driver's stats in the Prometheus text exposition format (0.0.4).
 
-Each cumulative ``stats`` key ``K`` becomes a counter ``netblk_K_total``,
+Each cumulative ``stats`` key ``K`` becomes a counter ``netblk_K_total``
+(a key that could not be part of a metric name is left out: the driver's
+are lowercase words joined by ``_``, anything else is not netblk.ko's),
 ``inflight`` a gauge, and ``netblk_state`` is 1 for each device's current
 state and 0 for the others.  Label values need no escaping: device names
-match ``netblk[0-9]+`` and states are the driver's fixed words.
+match ``DEVICE_RE`` (netblkN) and states are the driver's fixed words.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from netblk_admin.sysfs import Snapshot, State
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: A stats key that makes a valid metric name (and a sane one).
+KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 PREFIX = "netblk_"
 #: ``stats`` keys that are levels, not counts since load, and their names.
 GAUGES = {"inflight": "netblk_inflight_requests"}
@@ -34,7 +39,9 @@ HELP = {
 
 def render(snapshots: Sequence[Snapshot]) -> str:
     lines: list[str] = []
-    keys = dict.fromkeys(key for snapshot in snapshots for key in snapshot.stats)
+    keys = dict.fromkeys(
+        key for snapshot in snapshots for key in snapshot.stats if KEY_RE.fullmatch(key)
+    )
     for key in keys:
         gauge = key in GAUGES
         name = GAUGES[key] if gauge else f"{PREFIX}{key}_total"

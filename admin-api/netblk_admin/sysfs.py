@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-DEVICE_RE = re.compile(r"netblk[0-9]+")
+#: netblk.ko's device names, netblkN; N is at most 3 digits (the driver has
+#: at most 16), so a name is never too long to look up as a file.
+DEVICE_RE = re.compile(r"netblk(?:0|[1-9][0-9]{0,2})")
 DEVICE_PREFIX = "netblk"
 
 

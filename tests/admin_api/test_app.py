@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -111,6 +112,28 @@ def test_one_device_its_config_and_its_stats(client: TestClient, driver: FakeDri
     }
 
 
+#: A sample line of the text exposition format: name, labels, a value.
+SAMPLE_RE = re.compile(
+    r"[a-zA-Z_:][a-zA-Z0-9_:]*"  # the metric name
+    r'\{(?:[a-zA-Z_][a-zA-Z0-9_]*="[^"\\\n]*",?)*\}'  # its labels
+    r" -?[0-9]+"
+)
+
+
+def test_stats_keys_that_make_no_metric_name_are_left_out(
+    client: TestClient, driver: FakeDriver
+) -> None:
+    odd = ["bad key", "x{y}", "a-b", "9lives", "évil", "Upper", 'q"uote', "x" * 65]
+    stats = "\n".join(f"{key}: 7" for key in [*odd, "read_bytes", "new_counter"])
+    driver.set("netblk0", "stats", stats)
+    lines = client.get("/metrics").text.splitlines()
+    for line in lines:
+        assert line.startswith("# ") or SAMPLE_RE.fullmatch(line), line
+    assert 'netblk_new_counter_total{device="netblk0"} 7' in lines
+    assert 'netblk_read_bytes_total{device="netblk0"} 7' in lines
+    assert not any(key in line for key in odd for line in lines if not line.startswith("#"))
+
+
 def test_metrics_in_prometheus_text_format(client: TestClient, driver: FakeDriver) -> None:
     driver.set_stats("netblk0", read_bytes=512, errors=2, inflight=1)
     driver.set("netblk1", "state", "connected")
@@ -214,6 +237,9 @@ def test_every_configured_token_works(client: TestClient) -> None:
         "netblk0%2Fstate",
         " netblk0",
         "netblk0 ",
+        "netblk" + "9" * 5000,  # longer than a file name may be
+        "netblk" + "0" * 300,
+        "x" * 300,
     ],
 )
 @pytest.mark.parametrize("suffix", ["", "/config", "/stats", "/connect", "/disconnect"])

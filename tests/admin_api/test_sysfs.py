@@ -47,7 +47,10 @@ def test_a_snapshot_reads_every_file(tree: DeviceTree) -> None:
     assert len(snapshot.stats) == 12
 
 
-@pytest.mark.parametrize("name", ["netblk7", "netblk", "sda", "loop0", "NETBLK0", *TRAVERSALS])
+@pytest.mark.parametrize(
+    "name",
+    ["netblk7", "netblk", "sda", "loop0", "NETBLK0", "netblk" + "9" * 5000, *TRAVERSALS],
+)
 def test_names_that_are_no_device_are_not_found(tree: DeviceTree, name: str) -> None:
     (tree.root.parent / "outside").mkdir()
     for call in (lambda: tree.snapshot(name), lambda: tree.write(name, "connect", "1")):

@@ -246,7 +246,8 @@ def predict_login(first: bytes) -> bytes | None:
         return exc.reply
     if event is NEED_DATA:
         return None
-    return encode_hello_reply(HelloReply(status=LoginStatus.DENIED))
+    # docs/protocol.md: every field but the status is zero on a refusal
+    return encode_hello_reply(HelloReply(status=LoginStatus.DENIED, block_size=0, max_payload=0))
 
 
 # --- the client ---------------------------------------------------------------------

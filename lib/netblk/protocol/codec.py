@@ -361,7 +361,8 @@ class ServerConnection:
         if status is LoginStatus.OK:
             raise ValueError("refuse() needs a failure status")
         self._state = _State.CLOSED
-        return encode_hello_reply(HelloReply(status=status))
+        # Nothing but the status: no size, block size, payload or flags.
+        return encode_hello_reply(HelloReply(status=status, block_size=0, max_payload=0))
 
     def send_reply(self, handle: int, error: Errno) -> bytes:
         """Answer a request (header only; a READ's data is sent after it)."""

@@ -27,8 +27,10 @@ from netblk.protocol.codec import (
 )
 from netblk.protocol.constants import (
     BLOCK_SIZE,
+    HELLO_MAGIC,
     HELLO_REPLY,
     MAX_PAYLOAD,
+    PROTO_VERSION,
     REQUEST,
     Cmd,
     CmdFlag,
@@ -324,3 +326,15 @@ def test_fuzz_valid_requests_round_trip(op: Cmd, block: int, blocks: int, handle
     else:
         assert isinstance(event, InvalidRequest)
         assert event.error in (Errno.INVAL, Errno.NOSPC)
+
+
+@pytest.mark.parametrize("status", [s for s in LoginStatus if s is not LoginStatus.OK])
+def test_a_refused_login_says_nothing_but_its_status(status: LoginStatus) -> None:
+    """docs/protocol.md: on any status but OK the size and flag fields are
+    zero (block size and max payload too)."""
+    server = ServerConnection(scanner_for)
+    server.receive_data(encode_hello("data", TOKEN))
+    assert isinstance(server.next_event(), Hello)
+    magic, version, got, *fields = HELLO_REPLY.layout.unpack(server.refuse(status))
+    assert (magic, version) == (HELLO_MAGIC, PROTO_VERSION)
+    assert (got, fields) == (status, [0, 0, 0, 0, 0])
