@@ -8,7 +8,13 @@ With ``--ab BIN`` it measures netblk alone, twice: as this tree serves it
 commit's, which bench/run --ab installs), on one volume, in rounds whose
 order alternates (new, old, then old, new, ...).
 
-    python bench/guest.py RESULTS [--size 1G] [--runtime 20] [--ramp 3] [--repeat 3] [--ab BIN]
+With ``--rbd`` it boots the mini Ceph cluster of tests/ceph_cluster.py in
+the guest (memstore: the guest's RAM) and measures netblk served from an
+RBD image against ``rbd bench`` on a second image of the same size, random
+4 KiB reads and writes at QD16 and QD32, in alternating rounds.
+
+    python bench/guest.py RESULTS [--size 1G] [--runtime 20] [--ramp 3] [--repeat 3]
+        [--ab BIN | --rbd [--rbd-ops N]]
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import targets
-from machine import cpuinfo, first_line
-from profiles import PROFILE_BY_NAME, PROFILES, Profile
+from machine import cpu_used, cpuinfo, first_line
+from profiles import PROFILE_BY_NAME, PROFILES, RBD_PROFILES, Profile
 
 #: storaged is sampled for py-spy while this profile runs (one extra run).
 PROFILED = PROFILE_BY_NAME["rand-read-qd32"]
@@ -152,6 +159,77 @@ def ab(args: argparse.Namespace, results: Path) -> int:
     return 0
 
 
+def rbd(args: argparse.Namespace, results: Path) -> int:
+    """netblk on an RBD image against rbd bench, one cluster, one boot."""
+    sys.path.insert(0, str(targets.REPO))
+    from tests.ceph_cluster import CLIENT, POOL, mini_cluster  # noqa: PLC0415 - the repo's
+
+    pki = targets.Pki.create(TMPFS)
+    work = TMPFS / "volume"
+    work.mkdir()
+    passphrase = work / "volume.pass"
+    passphrase.write_text(targets.PASSPHRASE)
+    with mini_cluster(TMPFS / "ceph", "memstore") as ceph:
+        cephx = ["--ceph-client", CLIENT, "--ceph-conf", ceph.conf]
+        cephx += ["--ceph-keyring", ceph.keyring()]
+        storaged = targets.VENV_BIN / "storaged"
+        image = f"rbd:{POOL}/netblk"
+        targets.run(storaged, "volume", "create", image, "--size", args.size,
+                    "--passphrase-file", passphrase, *targets.PBKDF_ARGS, *cephx)  # fmt: skip
+        ceph.rbd("create", "--size", args.size, f"{POOL}/raw")
+        location = (
+            f'rbd = {{ pool = "{POOL}", image = "netblk", client = "{CLIENT}", '
+            f'conf = "{ceph.conf}", keyring = "{ceph.keyring()}" }}'
+        )
+        with targets.netblk(
+            TMPFS, pki, args.size, made=(work / "unused", passphrase), location=location
+        ) as device:
+            facts(results, [device])
+            print(f"bench: filling {device.path} and {POOL}/raw", flush=True)
+            targets.fill(device.path)
+            ceph.rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M",
+                     "--io-threads", "4", "--io-total", args.size, f"{POOL}/raw")  # fmt: skip
+            # No ramp: the CPU time is measured around the whole run (the
+            # fill warmed everything up).
+            fio_args = argparse.Namespace(**(vars(args) | {"ramp": 0}))
+            assert device.server_pid is not None
+            pids = {"storaged": device.server_pid}
+            pids |= {name: pid for name, pid in ceph.pids.items() if name.startswith("osd")}
+            for repeat in range(1, args.repeat + 1):
+                order = ["netblk", "rbd"] if repeat % 2 else ["rbd", "netblk"]
+                for profile in RBD_PROFILES:
+                    for target in order:
+                        out = results / target / f"{profile.name}.{repeat}.json"
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        with cpu_used(pids, out):
+                            if target == "netblk":
+                                run_fio(device, profile, fio_args, out)
+                            else:
+                                run_rbd_bench(ceph.rbd, f"{POOL}/raw", profile, args.rbd_ops, out)
+    return 0
+
+
+def run_rbd_bench(
+    rbd: Callable[..., str], image: str, profile: Profile, ops: int, out: Path
+) -> None:
+    """``rbd bench`` as the profile says: its last line has ops/sec.  With
+    librbd's cache off, as storaged runs it (rbd bench's default cache
+    doubled its random writes here: not what a durable client can do)."""
+    kind = "read" if profile.rw == "randread" else "write"
+    text = rbd("bench", "--io-type", kind, "--io-pattern", "rand", "--io-size", "4096",
+               "--io-threads", str(profile.iodepth), "--io-total", str(ops * 4096),
+               "--rbd-cache=false",
+               image)  # fmt: skip
+    words = text.split()
+    report = {
+        "iops": float(words[words.index("ops/sec:") + 1]),
+        "elapsed_s": float(words[words.index("elapsed:") + 1]),
+        "ops": ops,
+    }
+    out.write_text(json.dumps(report, indent=1))
+    print(f"bench: {out.parent.name}/{out.name} done", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path)
@@ -160,14 +238,16 @@ def main() -> int:
     parser.add_argument("--ramp", type=int, default=3, help="seconds before measuring")
     parser.add_argument("--repeat", type=int, default=3, help="runs per profile and target")
     parser.add_argument("--ab", type=Path, help="A/B: the old commit's venv bin directory")
+    parser.add_argument("--rbd", action="store_true", help="netblk on RBD against rbd bench")
+    parser.add_argument("--rbd-ops", type=int, default=4096, help="operations per rbd bench")
     args = parser.parse_args()
     results: Path = args.results
     TMPFS.mkdir(parents=True, exist_ok=True)
     targets.run("mount", "-t", "tmpfs", "-o", "size=90%", "netblk-bench", TMPFS)
     targets.run("modprobe", "-a", "loop", "dm_crypt", "tls", "nbd")
-    if args.ab is not None:
+    if args.ab is not None or args.rbd:
         try:
-            return ab(args, results)
+            return ab(args, results) if args.ab is not None else rbd(args, results)
         finally:
             keep_logs(results)
             subprocess.run(["umount", "--lazy", str(TMPFS)], check=False)

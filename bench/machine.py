@@ -3,7 +3,11 @@ questions asked of the host and of the guest."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -23,3 +27,32 @@ def cpuinfo(field: str) -> str:
         if name.strip() == field:
             return value.strip()
     return "?"
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU each process has used so far, by name."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        used[name] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return used
+
+
+@contextlib.contextmanager
+def cpu_used(pids: dict[str, int], out: Path) -> Iterator[None]:
+    """Add to the run's JSON (``out``) the CPU each process used during it,
+    and the machine's total: what bounds a run on two CPUs."""
+    before, busy_before = cpu_seconds(pids), _busy_seconds()
+    yield
+    after, busy_after = cpu_seconds(pids), _busy_seconds()
+    report = json.loads(out.read_text())
+    report["netblk_bench_cpu_s"] = {name: round(after[name] - before[name], 2) for name in pids}
+    report["netblk_bench_cpu_s"]["machine total"] = round(busy_after - busy_before, 2)
+    out.write_text(json.dumps(report, indent=1))
+
+
+def _busy_seconds() -> float:
+    """CPU time the machine spent on anything but idle and iowait."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")

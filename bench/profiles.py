@@ -56,6 +56,13 @@ PROFILES = (
     Profile("mix-qd16", "random 70/30 read/write 4 KiB QD16", "randrw", "4k", 16, 70),
 )
 PROFILE_BY_NAME = {p.name: p for p in PROFILES}
+#: netblk on an RBD image against ``rbd bench`` on the same cluster.
+RBD_PROFILES = (
+    Profile("rand-read-qd16", "random read 4 KiB QD16", "randread", "4k", 16),
+    Profile("rand-write-qd16", "random write 4 KiB QD16", "randwrite", "4k", 16),
+    Profile("rand-read-qd32", "random read 4 KiB QD32", "randread", "4k", 32),
+    Profile("rand-write-qd32", "random write 4 KiB QD32", "randwrite", "4k", 32),
+)
 
 
 @dataclass(frozen=True)

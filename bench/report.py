@@ -24,7 +24,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt  # headless: picks the Agg backend
 from machine import cpuinfo, first_line
-from profiles import PROFILES, Measurement, Profile
+from profiles import PROFILES, RBD_PROFILES, Measurement, Profile
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 TARGETS = ("netblk", "nbd-tls", "nbd", "loop")
@@ -276,6 +276,69 @@ def ab_table(results: Path, old: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rbd_table(results: Path, label: str) -> str:
+    """Markdown: netblk on an RBD image (``label`` says through what) against
+    rbd bench on the same cluster, each profile's runs in the order they ran,
+    the medians' ratio, and the CPU each process spent per request."""
+    lines = [
+        f"| profile | {label} (IOPS) | rbd bench (IOPS) | netblk / rbd bench (medians) |",
+        "|---|---:|---:|---:|",
+    ]
+    for profile in RBD_PROFILES:
+        netblk, rbd = (
+            [
+                _iops(json.loads(f.read_text()))
+                for f in sorted((results / target).glob(f"{profile.name}.*.json"))
+            ]
+            for target in ("netblk", "rbd")
+        )
+        if not netblk or not rbd:
+            continue
+        lines.append(
+            f"| {profile.title} | {' / '.join(f'{v:,.0f}' for v in netblk)} "
+            f"| {' / '.join(f'{v:,.0f}' for v in rbd)} "
+            f"| {statistics.median(netblk) / statistics.median(rbd):.2f} |"
+        )
+    lines += ["", "CPU seconds per 1,000 requests (medians), what each process spent:", ""]
+    names: list[str] = []
+    for target in ("netblk", "rbd"):
+        for f in (results / target).glob("*.json"):
+            names += [
+                n for n in json.loads(f.read_text()).get("netblk_bench_cpu_s", {}) if n not in names
+            ]
+    lines += [f"| profile | target | {' | '.join(names)} |", "|---|---|" + "---:|" * len(names)]
+    for profile in RBD_PROFILES:
+        for target in ("netblk", "rbd"):
+            per_kilo: dict[str, list[float]] = collections.defaultdict(list)
+            for f in sorted((results / target).glob(f"{profile.name}.*.json")):
+                report = json.loads(f.read_text())
+                ops = _requests(report)
+                for name, seconds in report.get("netblk_bench_cpu_s", {}).items():
+                    per_kilo[name].append(1000 * seconds / ops)
+            if per_kilo:
+                cells = " | ".join(
+                    f"{statistics.median(per_kilo[n]):.2f}" if per_kilo[n] else "" for n in names
+                )
+                lines.append(f"| {profile.title} | {target} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _iops(report: dict[str, Any]) -> float:
+    """A run's IOPS: fio's, or what bench/rbd_host.py and rbd bench record."""
+    if "jobs" in report:
+        return Measurement.from_fio(report).iops
+    return float(report["iops"])
+
+
+def _requests(report: dict[str, Any]) -> float:
+    """Requests a run completed, fio's (run without a ramp, so that they
+    match the CPU time measured around the whole run) or rbd bench's."""
+    if "jobs" in report:
+        (job,) = report["jobs"]
+        return float(job["read"]["total_ios"] + job["write"]["total_ios"])
+    return float(report["ops"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +347,11 @@ def main() -> int:
     ab = sub.add_parser("ab")
     ab.add_argument("results", type=Path)
     ab.add_argument("--old", required=True, help="the old commit, as the table names it")
+    rbd = sub.add_parser("rbd")
+    rbd.add_argument("results", type=Path)
+    rbd.add_argument(
+        "--label", default="netblk.ko on RBD", help="what the netblk runs went through"
+    )
     rend = sub.add_parser("render")
     rend.add_argument("results", type=Path)
     rend.add_argument("--doc", type=Path, required=True)
@@ -295,6 +363,11 @@ def main() -> int:
     if args.command == "ab":
         table = ab_table(args.results, args.old)
         (args.results / "ab.md").write_text(table)
+        print(table, end="")
+        return 0
+    if args.command == "rbd":
+        table = rbd_table(args.results, args.label)
+        (args.results / "rbd.md").write_text(table)
         print(table, end="")
         return 0
     section = render(args.results, args.chart, args.doc)

@@ -165,24 +165,12 @@ def netblk_volume(root: Path, size: str) -> tuple[Path, Path]:
     return volume, passphrase
 
 
-@contextlib.contextmanager
-def netblk(
-    root: Path,
-    pki: Pki,
-    size: str,
-    *,
-    name: str = "netblk",
-    bin_dir: Path = VENV_BIN,
-    made: tuple[Path, Path] | None = None,
-) -> Iterator[Device]:
-    """netblk0 served by the storaged and tls-bridge in ``bin_dir`` (an A/B
-    runs another commit's), from the volume ``made`` (made here if not given)."""
-    work = root / name
-    work.mkdir()
-    volume, passphrase = made or netblk_volume(work, size)
-    storaged = str(bin_dir / "storaged")
+def storaged_config(work: Path, pki: Pki, location: str, passphrase: Path) -> Path:
+    """``work``/storaged.toml: export ``data`` at ``location`` (its TOML
+    line) for client ``bench``, listening on 127.0.0.1:NETBLK_PORT."""
     server_cert, server_key = pki.pair("server")
-    (work / "storaged.toml").write_text(
+    config = work / "storaged.toml"
+    config.write_text(
         f"""[server]
 listen = ["127.0.0.1"]
 port = {NETBLK_PORT}
@@ -196,12 +184,36 @@ format = "text"
 [clients.bench]
 {pki.token_hash}
 [exports.data]
-volume = "{volume}"
+{location}
 passphrase_file = "{passphrase}"
 trim = true
 access = {{ bench = "rw" }}
 """
     )
+    return config
+
+
+@contextlib.contextmanager
+def netblk(
+    root: Path,
+    pki: Pki,
+    size: str,
+    *,
+    name: str = "netblk",
+    bin_dir: Path = VENV_BIN,
+    made: tuple[Path, Path] | None = None,
+    location: str | None = None,
+) -> Iterator[Device]:
+    """netblk0 served by the storaged and tls-bridge in ``bin_dir`` (an A/B
+    runs another commit's), from the volume ``made`` (made here if not given),
+    or from what ``location`` says (an export's ``rbd = {...}`` line; ``made``
+    then gives the passphrase)."""
+    work = root / name
+    work.mkdir()
+    volume, passphrase = made or netblk_volume(work, size)
+    location = location or f'volume = "{volume}"'
+    storaged = str(bin_dir / "storaged")
+    storaged_config(work, pki, location, passphrase)
     client_cert, client_key = pki.pair("bench")
     (work / "tls-bridge.toml").write_text(
         f"""[log]
