@@ -170,7 +170,7 @@ def rbd(args: argparse.Namespace, results: Path) -> int:
     passphrase = work / "volume.pass"
     passphrase.write_text(targets.PASSPHRASE)
     with mini_cluster(TMPFS / "ceph", "memstore") as ceph:
-        cephx = ["--ceph-client", CLIENT, "--ceph-conf", ceph.conf]
+        cephx: list[str | Path] = ["--ceph-client", CLIENT, "--ceph-conf", ceph.conf]
         cephx += ["--ceph-keyring", ceph.keyring()]
         storaged = targets.VENV_BIN / "storaged"
         image = f"rbd:{POOL}/netblk"
