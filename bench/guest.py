@@ -28,12 +28,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import targets
 from machine import cpu_used, cpuinfo, first_line
-from profiles import PROFILE_BY_NAME, PROFILES, RBD_PROFILES, Profile
+from profiles import PROFILE_BY_NAME, PROFILES, Profile
+from tests.ceph_cluster import mini_cluster  # on the path targets puts the repository on
 
 #: storaged is sampled for py-spy while this profile runs (one extra run).
 PROFILED = PROFILE_BY_NAME["rand-read-qd32"]
@@ -161,73 +161,35 @@ def ab(args: argparse.Namespace, results: Path) -> int:
 
 def rbd(args: argparse.Namespace, results: Path) -> int:
     """netblk on an RBD image against rbd bench, one cluster, one boot."""
-    sys.path.insert(0, str(targets.REPO))
-    from tests.ceph_cluster import CLIENT, POOL, mini_cluster  # noqa: PLC0415 - the repo's
-
     pki = targets.Pki.create(TMPFS)
     work = TMPFS / "volume"
     work.mkdir()
     passphrase = work / "volume.pass"
     passphrase.write_text(targets.PASSPHRASE)
     with mini_cluster(TMPFS / "ceph", "memstore") as ceph:
-        cephx: list[str | Path] = ["--ceph-client", CLIENT, "--ceph-conf", ceph.conf]
-        cephx += ["--ceph-keyring", ceph.keyring()]
-        storaged = targets.VENV_BIN / "storaged"
-        image = f"rbd:{POOL}/netblk"
-        targets.run(storaged, "volume", "create", image, "--size", args.size,
-                    "--passphrase-file", passphrase, *targets.PBKDF_ARGS, *cephx)  # fmt: skip
-        ceph.rbd("create", "--size", args.size, f"{POOL}/raw")
-        location = (
-            f'rbd = {{ pool = "{POOL}", image = "netblk", client = "{CLIENT}", '
-            f'conf = "{ceph.conf}", keyring = "{ceph.keyring()}" }}'
-        )
+        location = targets.rbd_images(ceph, args.size, passphrase)
         with targets.netblk(
             TMPFS, pki, args.size, made=(work / "unused", passphrase), location=location
         ) as device:
             facts(results, [device])
-            print(f"bench: filling {device.path} and {POOL}/raw", flush=True)
+            print(f"bench: filling {device.path}", flush=True)
             targets.fill(device.path)
-            ceph.rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M",
-                     "--io-threads", "4", "--io-total", args.size, f"{POOL}/raw")  # fmt: skip
             # No ramp: the CPU time is measured around the whole run (the
             # fill warmed everything up).
             fio_args = argparse.Namespace(**(vars(args) | {"ramp": 0}))
             assert device.server_pid is not None
             pids = {"storaged": device.server_pid}
             pids |= {name: pid for name, pid in ceph.pids.items() if name.startswith("osd")}
-            for repeat in range(1, args.repeat + 1):
-                order = ["netblk", "rbd"] if repeat % 2 else ["rbd", "netblk"]
-                for profile in RBD_PROFILES:
-                    for target in order:
-                        out = results / target / f"{profile.name}.{repeat}.json"
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        with cpu_used(pids, out):
-                            if target == "netblk":
-                                run_fio(device, profile, fio_args, out)
-                            else:
-                                run_rbd_bench(ceph.rbd, f"{POOL}/raw", profile, args.rbd_ops, out)
+            for repeat, profile, target in targets.rbd_rounds(args.repeat):
+                out = results / target / f"{profile.name}.{repeat}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with cpu_used(pids, out):
+                    if target == "netblk":
+                        run_fio(device, profile, fio_args, out)
+                    else:
+                        out.write_text(json.dumps(targets.rbd_bench(ceph, profile, args.rbd_ops)))
+                        print(f"bench: {target}/{out.name} done", flush=True)
     return 0
-
-
-def run_rbd_bench(
-    rbd: Callable[..., str], image: str, profile: Profile, ops: int, out: Path
-) -> None:
-    """``rbd bench`` as the profile says: its last line has ops/sec.  With
-    librbd's cache off, as storaged runs it (rbd bench's default cache
-    doubled its random writes here: not what a durable client can do)."""
-    kind = "read" if profile.rw == "randread" else "write"
-    text = rbd("bench", "--io-type", kind, "--io-pattern", "rand", "--io-size", "4096",
-               "--io-threads", str(profile.iodepth), "--io-total", str(ops * 4096),
-               "--rbd-cache=false",
-               image)  # fmt: skip
-    words = text.split()
-    report = {
-        "iops": float(words[words.index("ops/sec:") + 1]),
-        "elapsed_s": float(words[words.index("elapsed:") + 1]),
-        "ops": ops,
-    }
-    out.write_text(json.dumps(report, indent=1))
-    print(f"bench: {out.parent.name}/{out.name} done", flush=True)
 
 
 def main() -> int:

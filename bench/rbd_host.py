@@ -26,13 +26,11 @@ from pathlib import Path
 
 import targets
 from machine import cpu_used
-from profiles import RBD_PROFILES, Profile
+from profiles import Profile
+from tests.ceph_cluster import mini_cluster  # on the path targets puts the repository on
 
 from netblk.tlsconf import client_context
 from storaged.client import NetblkClient
-
-sys.path.insert(0, str(targets.REPO))
-from tests.ceph_cluster import CLIENT, POOL, MiniCluster, mini_cluster
 
 BLOCK = 4096
 RESULTS = targets.REPO / "build" / "bench-rbd-host"
@@ -76,16 +74,6 @@ async def client_run(
     return {"iops": done / elapsed, "ops": done, "elapsed_s": round(elapsed, 2)}
 
 
-def rbd_bench(ceph: MiniCluster, image: str, profile: Profile, ops: int) -> dict[str, float]:
-    kind = "read" if profile.rw == "randread" else "write"
-    text = ceph.rbd("bench", "--io-type", kind, "--io-pattern", "rand", "--io-size", str(BLOCK),
-                    "--io-threads", str(profile.iodepth), "--io-total", str(ops * BLOCK),
-                    "--rbd-cache=false",
-                    image)  # fmt: skip
-    words = text.split()
-    return {"iops": float(words[words.index("ops/sec:") + 1]), "ops": ops}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="128M", help="each image's data size (M or G)")
@@ -101,18 +89,7 @@ def main() -> int:
         passphrase = root / "volume.pass"
         passphrase.write_text(targets.PASSPHRASE)
         with mini_cluster(root / "ceph", "memstore") as ceph:
-            cephx = ["--ceph-client", CLIENT, "--ceph-conf", str(ceph.conf)]
-            cephx += ["--ceph-keyring", str(ceph.keyring())]
-            targets.run(targets.VENV_BIN / "storaged", "volume", "create", f"rbd:{POOL}/netblk",
-                        "--size", args.size, "--passphrase-file", passphrase,
-                        *targets.PBKDF_ARGS, *cephx)  # fmt: skip
-            ceph.rbd("create", "--size", args.size, f"{POOL}/raw")
-            ceph.rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M",
-                     "--io-threads", "4", "--io-total", args.size, f"{POOL}/raw")  # fmt: skip
-            location = (
-                f'rbd = {{ pool = "{POOL}", image = "netblk", client = "{CLIENT}", '
-                f'conf = "{ceph.conf}", keyring = "{ceph.keyring()}" }}'
-            )
+            location = targets.rbd_images(ceph, args.size, passphrase)
             config = targets.storaged_config(root, pki, location, passphrase)
             log = root / "storaged.log"
             with targets.daemon(
@@ -125,23 +102,20 @@ def main() -> int:
                 asyncio.run(client_run(pki, fill, size, 5, seed=0))
                 pids = {"storaged": storaged_pid, "client": os.getpid()}
                 pids |= {name: pid for name, pid in ceph.pids.items() if name.startswith("osd")}
-                for repeat in range(1, args.repeat + 1):
-                    order = ["netblk", "rbd"] if repeat % 2 else ["rbd", "netblk"]
-                    for profile in RBD_PROFILES:
-                        for target in order:
-                            out = RESULTS / target / f"{profile.name}.{repeat}.json"
-                            out.parent.mkdir(parents=True, exist_ok=True)
-                            out.write_text("{}")
-                            with cpu_used(pids, out):
-                                if target == "netblk":
-                                    result = asyncio.run(
-                                        client_run(pki, profile, size, args.seconds, repeat)
-                                    )
-                                else:
-                                    result = rbd_bench(ceph, f"{POOL}/raw", profile, args.rbd_ops)
-                            report = json.loads(out.read_text()) | result
-                            out.write_text(json.dumps(report, indent=1))
-                            print(f"bench: {target}/{out.name}: {result['iops']:,.0f} IOPS")
+                for repeat, profile, target in targets.rbd_rounds(args.repeat):
+                    out = RESULTS / target / f"{profile.name}.{repeat}.json"
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text("{}")
+                    with cpu_used(pids, out):
+                        if target == "netblk":
+                            result = asyncio.run(
+                                client_run(pki, profile, size, args.seconds, repeat)
+                            )
+                        else:
+                            result = targets.rbd_bench(ceph, profile, args.rbd_ops)
+                    report = json.loads(out.read_text()) | result
+                    out.write_text(json.dumps(report, indent=1))
+                    print(f"bench: {target}/{out.name}: {result['iops']:,.0f} IOPS")
     return 0
 
 

@@ -21,12 +21,20 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from profiles import RBD_PROFILES, Profile
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests/ceph_cluster.py: the mini cluster the tests boot
+from tests.ceph_cluster import CLIENT as CEPH_CLIENT  # noqa: E402
+from tests.ceph_cluster import POOL as CEPH_POOL  # noqa: E402
+from tests.ceph_cluster import MiniCluster  # noqa: E402
+
 VENV_BIN = REPO / ".venv" / "bin"
 NETBLK_KO = REPO / "kmod" / "netblk.ko"
 PASSPHRASE = "netblk benchmark passphrase"
@@ -163,6 +171,51 @@ def netblk_volume(root: Path, size: str) -> tuple[Path, Path]:
         *PBKDF_ARGS,
     )
     return volume, passphrase
+
+
+def rbd_images(ceph: MiniCluster, size: str, passphrase: Path) -> str:
+    """Two images of ``size`` in the cluster's pool: ``netblk``, a storaged
+    volume made by ``storaged volume create``, and ``raw`` for rbd bench,
+    written whole so its reads find data.  Returns the export's
+    ``rbd = {...}`` line for ``netblk``."""
+    cephx = ["--ceph-client", CEPH_CLIENT, "--ceph-conf", str(ceph.conf)]
+    cephx += ["--ceph-keyring", str(ceph.keyring())]
+    run(VENV_BIN / "storaged", "volume", "create", f"rbd:{CEPH_POOL}/netblk", "--size", size,
+        "--passphrase-file", passphrase, *PBKDF_ARGS, *cephx)  # fmt: skip
+    ceph.rbd("create", "--size", size, f"{CEPH_POOL}/raw")
+    ceph.rbd("bench", "--io-type", "write", "--io-pattern", "seq", "--io-size", "4M",
+             "--io-threads", "4", "--io-total", size, f"{CEPH_POOL}/raw")  # fmt: skip
+    return (
+        f'rbd = {{ pool = "{CEPH_POOL}", image = "netblk", client = "{CEPH_CLIENT}", '
+        f'conf = "{ceph.conf}", keyring = "{ceph.keyring()}" }}'
+    )
+
+
+def rbd_bench(ceph: MiniCluster, profile: Profile, ops: int) -> dict[str, float]:
+    """``rbd bench`` on ``raw`` as the profile says (its last line has
+    ops/sec), with librbd's cache off, as storaged runs it: rbd bench's
+    default cache doubled its random writes here, which a client that must
+    not lose an acknowledged write cannot do."""
+    kind = "read" if profile.rw == "randread" else "write"
+    text = ceph.rbd("bench", "--io-type", kind, "--io-pattern", "rand", "--io-size", "4096",
+                    "--io-threads", str(profile.iodepth), "--io-total", str(ops * 4096),
+                    "--rbd-cache=false", f"{CEPH_POOL}/raw")  # fmt: skip
+    words = text.split()
+    return {
+        "iops": float(words[words.index("ops/sec:") + 1]),
+        "elapsed_s": float(words[words.index("elapsed:") + 1]),
+        "ops": ops,
+    }
+
+
+def rbd_rounds(repeat: int) -> Iterator[tuple[int, Profile, str]]:
+    """Each run of an RBD bench: round, profile and target ("netblk" or
+    "rbd"), the two targets' order alternating from round to round."""
+    for round_ in range(1, repeat + 1):
+        order = ["netblk", "rbd"] if round_ % 2 else ["rbd", "netblk"]
+        for profile in RBD_PROFILES:
+            for target in order:
+                yield round_, profile, target
 
 
 def storaged_config(work: Path, pki: Pki, location: str, passphrase: Path) -> Path:
