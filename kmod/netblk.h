@@ -382,6 +382,8 @@ bool netblk_conn_idle(const struct netblk_dev *dev);
 enum netblk_state netblk_conn_state(struct netblk_dev *dev);
 const char *netblk_conn_state_name(enum netblk_state state);
 void netblk_conn_sock_failed(struct netblk_dev *dev);
+void netblk_conn_format_addr(const struct sockaddr_storage *ss, char *buf,
+			     size_t len);
 void netblk_conn_format_server(const struct netblk_conf *cf, unsigned int i,
 			       char *buf, size_t len);
 int netblk_conn_current_server(struct netblk_dev *dev, char *buf,

@@ -495,9 +495,15 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 	queue_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, delay);
 }
 
-/* The IP literal of @ss, without brackets or port. */
-static void netblk_conn_format_addr(const struct sockaddr_storage *ss,
-				    char *buf, size_t len)
+/**
+ * netblk_conn_format_addr() - the IP literal of an address, without
+ *	brackets or port
+ * @ss: an AF_INET or AF_INET6 address
+ * @buf: where to write
+ * @len: its size, at least INET6_ADDRSTRLEN for the whole text
+ */
+void netblk_conn_format_addr(const struct sockaddr_storage *ss, char *buf,
+			     size_t len)
 {
 	if (ss->ss_family == AF_INET6)
 		snprintf(buf, len, "%pI6c",

@@ -195,12 +195,9 @@ static ssize_t servers_show(struct device *d, struct device_attribute *attr,
 		sv = &cf->cf_servers[i];
 		if (sv->sv_port)
 			netblk_conn_format_server(cf, i, server, sizeof(server));
-		else if (sv->sv_addr.ss_family == AF_INET6)
-			snprintf(server, sizeof(server), "%pI6c",
-				 &((struct sockaddr_in6 *)&sv->sv_addr)->sin6_addr);
 		else
-			snprintf(server, sizeof(server), "%pI4",
-				 &((struct sockaddr_in *)&sv->sv_addr)->sin_addr);
+			netblk_conn_format_addr(&sv->sv_addr, server,
+						sizeof(server));
 		len += sysfs_emit_at(buf, len, "%s%s", i ? " " : "", server);
 	}
 	len += sysfs_emit_at(buf, len, "\n");
@@ -225,20 +222,14 @@ static ssize_t server_ip_show(struct device *d, struct device_attribute *attr,
 			      char *buf)
 {
 	struct netblk_dev *dev = netblk_from_device(d);
-	struct sockaddr_storage *ss = &dev->nd_conf.cf_servers[0].sv_addr;
-	ssize_t ret;
+	char addr[INET6_ADDRSTRLEN] = "";
 
 	mutex_lock(&dev->nd_lock);
-	if (!dev->nd_conf.cf_nr_servers)
-		ret = sysfs_emit(buf, "\n");
-	else if (ss->ss_family == AF_INET6)
-		ret = sysfs_emit(buf, "%pI6c\n",
-				 &((struct sockaddr_in6 *)ss)->sin6_addr);
-	else
-		ret = sysfs_emit(buf, "%pI4\n",
-				 &((struct sockaddr_in *)ss)->sin_addr);
+	if (dev->nd_conf.cf_nr_servers)
+		netblk_conn_format_addr(&dev->nd_conf.cf_servers[0].sv_addr,
+					addr, sizeof(addr));
 	mutex_unlock(&dev->nd_lock);
-	return ret;
+	return sysfs_emit(buf, "%s\n", addr);
 }
 
 static ssize_t server_ip_store(struct device *d, struct device_attribute *attr,
