@@ -44,6 +44,14 @@ static struct rbds_store *rbds_of(struct eng_store *store)
 	return (struct rbds_store *)store;
 }
 
+/* A result of ESHUTDOWN (EBLOCKLISTED) means another client broke our
+ * lock and took the image over: the store refuses everything from now on. */
+static void rbds_check_fenced(struct eng_store *store, int64_t result)
+{
+	if (result == -ESHUTDOWN)
+		__atomic_store_n(&store->fenced, true, __ATOMIC_RELAXED);
+}
+
 static void rbds_submit(struct eng_store *store, struct eng_io *io)
 {
 	struct rbds_store *rbd = rbds_of(store);
@@ -101,9 +109,7 @@ static void rbds_wait(struct eng_store *store, struct eng_io *ios,
 		got = rbd_aio_get_return_value(io->pending);
 		rbd_aio_release(io->pending);
 		io->pending = NULL;
-		if (got == -ESHUTDOWN)	/* blocklisted: another took over */
-			__atomic_store_n(&store->fenced, true,
-					 __ATOMIC_RELAXED);
+		rbds_check_fenced(store, got);
 		if (got < 0)
 			io->error = (int)-got;
 		else if (io->op == ENG_IO_READ && (uint64_t)got < io->length)
@@ -433,8 +439,7 @@ static PyObject *rbds_write_object(EngStore *self, PyObject *args)
 	err = rados_write_full(ioctx, name, data.buf, (size_t)data.len);
 	Py_END_ALLOW_THREADS
 	PyBuffer_Release(&data);
-	if (err == -ESHUTDOWN)
-		__atomic_store_n(&store->fenced, true, __ATOMIC_RELAXED);
+	rbds_check_fenced(store, err);
 	if (err < 0)
 		return rbds_oserror(err);
 	Py_RETURN_NONE;
