@@ -92,8 +92,9 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class LoginPolicy:
-    """At most ``max_failures`` failed logins per peer address and per client
-    within ``window`` seconds; beyond that, logins are refused unexamined."""
+    """At most ``max_failures`` credential failures (DENIED) per peer address
+    and per certificate name within ``window`` seconds; beyond that, logins
+    are refused unexamined (storaged.login says what counts and why)."""
 
     max_failures: int = DEFAULT_MAX_LOGIN_FAILURES
     window: float = DEFAULT_FAILURE_WINDOW

@@ -3,6 +3,13 @@
 The TLS layer has already checked that the client certificate chains to the
 configured CA; this module decides the rest.  ``Gatekeeper.decide`` blocks
 (argon2id is slow on purpose) and runs on a worker thread.
+
+Only credential failures (DENIED: a certificate name that is no client, or
+a wrong token) count toward the throttle, against the peer address and the
+certificate name: those are what a guesser tries.  A failed TLS handshake
+guesses nothing (the CA's signature is not guessable) and NO_EXPORT or
+FORBIDDEN come from a client that proved who it is; counting them would let
+anyone lock the clients behind a shared address out.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ class Gatekeeper:
         if any(self.throttle.limited(key, now) for key in keys):
             return LoginDecision(LoginStatus.RATE_LIMITED, "too many failed logins")
         decision = self._judge(identity, export, token)
-        if decision.status is not LoginStatus.OK:
+        if decision.status is LoginStatus.DENIED:
             for key in keys:
                 self.throttle.record_failure(key, now)
         return decision

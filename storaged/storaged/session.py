@@ -239,7 +239,6 @@ class Session:
                 return False
             reason = describe_tls_error(exc)
             self._stats.login_failed("tls")
-            self._gatekeeper.throttle.record_failure(f"peer:{self._peer_host}", time.monotonic())
             self._log(
                 logging.WARNING, "TLS handshake or login failed", "login_failed", reason=reason
             )

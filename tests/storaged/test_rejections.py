@@ -417,6 +417,33 @@ def test_login_refused(env: Env, case: Refusal) -> None:
     assert_nothing_changed(env)
 
 
+# --- what the throttle counts -----------------------------------------------------
+
+#: Failures that guess no credential, so that none may lock the clients
+#: behind the same address out.
+GUESSLESS_FAILURES = TLS_FAILURES + [
+    param for param in REFUSALS if param.id in ("unknown-export", "no-rights-on-export")
+]
+
+
+@pytest.mark.parametrize("case", GUESSLESS_FAILURES)
+def test_failures_that_guess_no_credential_never_throttle(
+    env: Env, case: TlsFailure | Refusal
+) -> None:
+    attempts = 3 * load_config(env.stack.config_path).login.max_failures
+    for _ in range(attempts):
+        if isinstance(case, TlsFailure):
+            with pytest.raises((ConnectionLost, ConnectionError, ssl.SSLError)):
+                login(env, env.context(case.cert, case.max_version))
+        else:
+            with pytest.raises(LoginError) as refused:
+                login(env, env.context(case.cert), case.export, case.token)
+            assert refused.value.status is case.status
+    kind = "tls" if isinstance(case, TlsFailure) else case.status.name.lower()
+    assert env.stats_delta()["logins_failed"] == {kind: attempts}
+    assert_nothing_changed(env)  # alice, from the same address, logs in
+
+
 # --- read-only access -----------------------------------------------------------
 
 
