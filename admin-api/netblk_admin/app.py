@@ -17,7 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from netblk_admin import __version__, metrics
 from netblk_admin.auth import TokenVerifier
@@ -25,7 +27,6 @@ from netblk_admin.config import ApiConfig
 from netblk_admin.control import GOALS, Action, ApiError, DeviceControl
 from netblk_admin.models import (
     DEFAULT_WAIT,
-    MAX_WAIT,
     ConfigPatchBody,
     Device,
     DeviceConfig,
@@ -33,16 +34,26 @@ from netblk_admin.models import (
     ErrorBody,
     FieldIssue,
     Health,
+    QueryBoolean,
+    WaitSeconds,
     sysfs_values,
 )
 from netblk_admin.sysfs import DeviceTree
 
-DESCRIPTION = """\
+#: The largest body read.  The largest valid one (every field, 8 IPv6
+#: servers), pretty-printed, is under 2 KiB; uvicorn itself has no cap.
+MAX_BODY_BYTES = 16 * 1024
+
+DESCRIPTION = f"""\
 Control of netblk.ko's devices through sysfs (`/sys/block/netblkN`).
 
 Every endpoint but `/v1/health` needs `Authorization: Bearer <token>`.
-Errors are JSON: `{"error": "<reason>", "detail": ...}`, plus the device's
+Errors are JSON: `{{"error": "<reason>", "detail": ...}}`, plus the device's
 `state` (and `last_error`) when they decided the answer.
+
+Input is strict: a body is at most {MAX_BODY_BYTES} bytes (else 413); its
+integers are JSON integers (`10910`, not `10910.0`, `"10910"` or `true`);
+`wait` is `true` or `false`, `timeout` a JSON number.
 """
 
 ERRORS = {
@@ -52,6 +63,7 @@ ERRORS = {
     409: "The device's state forbids it (`busy`); no server or export set (`no_target`);"
     " a disconnect request cut the wait short (`preempted`); or the device ended in"
     " another state (`interrupted`).",
+    413: f"The request body is over {MAX_BODY_BYTES} bytes (`too_large`).",
     422: "Invalid request, nothing written (`invalid_request`); or the driver refused"
     " a value (`invalid_value`).",
     502: "The connection attempt ended in state `error` (`connect_failed`; see `last_error`).",
@@ -127,7 +139,10 @@ Caller = Annotated[str, Security(_authenticated)]
 GUARDED = [Security(_authenticated), Depends(_known_query)]
 
 public = APIRouter()
-v1 = APIRouter(prefix="/v1", tags=["devices"], dependencies=GUARDED, responses=errors(401, 422))
+# 413 on every operation: the body cap comes before routing.
+v1 = APIRouter(
+    prefix="/v1", tags=["devices"], dependencies=GUARDED, responses=errors(401, 413, 422)
+)
 
 
 def create_app(config: ApiConfig) -> FastAPI:
@@ -135,13 +150,17 @@ def create_app(config: ApiConfig) -> FastAPI:
     app.state.control = DeviceControl(DeviceTree(config.sysfs_root))
     app.state.verifier = TokenVerifier(config.tokens)
     _add_error_handlers(app)
+    app.add_middleware(BodyLimit)
     app.include_router(public)
     app.include_router(v1)
     return app
 
 
 @public.get(
-    "/v1/health", dependencies=[Depends(_known_query)], responses=errors(422, 503), tags=["health"]
+    "/v1/health",
+    dependencies=[Depends(_known_query)],
+    responses=errors(413, 422, 503),
+    tags=["health"],
 )
 async def health(control: Control) -> Health:
     """Whether the sysfs root is readable, and how many devices it holds."""
@@ -157,7 +176,7 @@ async def health(control: Control) -> Health:
             "description": "Prometheus text format 0.0.4.",
             "content": {metrics.CONTENT_TYPE: {"schema": {"type": "string"}}},
         },
-        **errors(401, 422, 503),
+        **errors(401, 413, 422, 503),
     },
     dependencies=GUARDED,
     tags=["stats"],
@@ -208,9 +227,9 @@ def _add_action(action: Action) -> None:
         response: Response,
         control: Control,
         caller: Caller,
-        wait: Annotated[bool, Query(description="wait until the state settles")] = False,
+        wait: Annotated[QueryBoolean, Query(description="wait until the state settles")] = False,
         timeout: Annotated[
-            float, Query(gt=0, le=MAX_WAIT, description="seconds to wait, with wait=true")
+            WaitSeconds, Query(description="seconds to wait, with wait=true")
         ] = DEFAULT_WAIT,
     ) -> Device:
         settled, snapshot = await control.act(name, action, caller, timeout if wait else None)
@@ -242,6 +261,56 @@ def _error(status: int, body: ErrorBody, headers: Mapping[str, str] | None = Non
     return JSONResponse(body.to_json(), status, headers=headers)
 
 
+class BodyTooLarge(HTTPException):
+    """Raised by BodyLimit's ``receive``; FastAPI lets HTTPExceptions from a
+    body read through to the exception handlers."""
+
+    def __init__(self) -> None:
+        super().__init__(413)
+
+
+def _too_large() -> JSONResponse:
+    detail = f"the request body is over {MAX_BODY_BYTES} bytes"
+    # The rest of the body is never read: the connection cannot carry another request.
+    return _error(413, ErrorBody(error="too_large", detail=detail), {"Connection": "close"})
+
+
+class BodyLimit:
+    """ASGI middleware: a body over MAX_BODY_BYTES is a 413.  A Content-Length
+    over it is refused before anything else runs; a body without one (chunked)
+    is counted as it arrives and cut off once past it, never buffered here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _content_length(scope) > MAX_BODY_BYTES:
+            await _too_large()(scope, receive, send)
+            return
+        received = 0
+
+        async def counting() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, counting, send)
+
+
+def _content_length(scope: Scope) -> int:
+    """The declared body size; 0 if none or unreadable (the count still holds)."""
+    try:
+        return int(Headers(scope=scope).get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -249,6 +318,10 @@ def _add_error_handlers(app: FastAPI) -> None:
             error=exc.error, detail=exc.detail, state=exc.state, last_error=exc.last_error
         )
         return _error(exc.status, body, exc.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_request: Request, _exc: BodyTooLarge) -> JSONResponse:
+        return _too_large()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,6 +4,7 @@ sysfs write, with the driver's own rules (kmod/README.md, "sysfs")."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Required
 
@@ -16,6 +17,7 @@ from pydantic import (
     WithJsonSchema,
     with_config,
 )
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 from netblk.protocol.constants import MAX_EXPORT_NAME
@@ -32,6 +34,31 @@ RECONNECT_RETRIES_MIN, RECONNECT_RETRIES_MAX = 0, 1_000_000
 #: connect/disconnect ``?wait=true``: how long by default and at most (seconds).
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 600.0
+
+#: A number as JSON writes it: pydantic alone also takes " 5", "+5", ".5", "5_0".
+JSON_NUMBER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def _query_boolean(value: object) -> bool:
+    # pydantic alone also takes yes, on, 1, t, True...; the schema's boolean is true or false.
+    if value == "true":
+        return True
+    if value == "false":
+        return False
+    raise PydanticCustomError("bool_parsing", "Input should be true or false")
+
+
+def _query_number(value: object) -> float:
+    if isinstance(value, str) and JSON_NUMBER_RE.fullmatch(value):
+        return float(value)
+    raise PydanticCustomError("float_parsing", "Input should be a number written as in JSON")
+
+
+# Query values are text: these take the schema's boolean and number as JSON
+# spells them.  The validator comes last, so the bounds stay in the schema.
+QueryBoolean = Annotated[bool, BeforeValidator(_query_boolean)]
+#: ``?timeout=``: seconds.
+WaitSeconds = Annotated[float, Field(gt=0, le=MAX_WAIT), BeforeValidator(_query_number)]
 
 
 def _ip_literal(value: str) -> str:
@@ -53,25 +80,15 @@ IpLiteral = Annotated[
 ]
 
 
-def _integral(value: object) -> object:
-    # JSON (and JSON Schema's "integer") does not tell 1700.0 from 1700.
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-#: Last in an ``Annotated[int, Field(...), ...]`` (so the bounds stay in the
-#: schema): a JSON integer; no strings or booleans (the model is strict).
-INTEGRAL = BeforeValidator(_integral)
-
-
+# Request bodies are strict: each field takes its schema's JSON type and no
+# other, so an integer is 10910 (not 10910.0, 1.091e4, "10910" or true).
 @with_config(ConfigDict(extra="forbid", strict=True))
 class ServerAddress(TypedDict, total=False):
     """One entry of the server list: an address, and a port unless the
     entry uses server_port's."""
 
     ip: Required[IpLiteral]
-    port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX), INTEGRAL]
+    port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX)]
 
 
 def server_text(server: ServerAddress) -> str:
@@ -135,15 +152,11 @@ class ConfigPatch(TypedDict, total=False):
         AfterValidator(_distinct),
     ]
     server_ip: IpLiteral
-    server_port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX), INTEGRAL]
+    server_port: Annotated[int, Field(ge=PORT_MIN, le=PORT_MAX)]
     export: ExportName
-    request_timeout_ms: Annotated[
-        int, Field(ge=REQUEST_TIMEOUT_MS_MIN, le=REQUEST_TIMEOUT_MS_MAX), INTEGRAL
-    ]
-    dead_timeout_ms: Annotated[int, Field(ge=DEAD_TIMEOUT_MS_MIN, le=DEAD_TIMEOUT_MS_MAX), INTEGRAL]
-    reconnect_retries: Annotated[
-        int, Field(ge=RECONNECT_RETRIES_MIN, le=RECONNECT_RETRIES_MAX), INTEGRAL
-    ]
+    request_timeout_ms: Annotated[int, Field(ge=REQUEST_TIMEOUT_MS_MIN, le=REQUEST_TIMEOUT_MS_MAX)]
+    dead_timeout_ms: Annotated[int, Field(ge=DEAD_TIMEOUT_MS_MIN, le=DEAD_TIMEOUT_MS_MAX)]
+    reconnect_retries: Annotated[int, Field(ge=RECONNECT_RETRIES_MIN, le=RECONNECT_RETRIES_MAX)]
 
 
 def _not_empty(patch: ConfigPatch) -> ConfigPatch:
