@@ -29,6 +29,11 @@ DEFAULT_WORKERS = 8
 DEFAULT_LOGIN_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_MAX_LOGIN_FAILURES = 5
+DEFAULT_MAX_PENDING = 128
+DEFAULT_MAX_PENDING_PER_PEER = 16
+DEFAULT_MAX_CONNECTIONS = 256
+#: Four devices of netblk.ko's most connections (16) each.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 64
 DEFAULT_FAILURE_WINDOW = 60.0
 DEFAULT_CONTROL_SOCKET = Path("/run/netblk/storaged.sock")
 DEFAULT_LEASE_INTERVAL = 1.0
@@ -94,11 +99,15 @@ class ExportConfig:
 class LoginPolicy:
     """At most ``max_failures`` credential failures (DENIED) per peer address
     and per certificate name within ``window`` seconds; beyond that, logins
-    are refused unexamined (storaged.login says what counts and why)."""
+    are refused unexamined (storaged.login says what counts and why).
+    ``max_pending`` and ``max_pending_per_peer`` cap the connections not
+    logged in yet (storaged.admission)."""
 
     max_failures: int = DEFAULT_MAX_LOGIN_FAILURES
     window: float = DEFAULT_FAILURE_WINDOW
     timeout: float = DEFAULT_LOGIN_TIMEOUT
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,8 @@ class Config:
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     max_payload: int = MAX_PAYLOAD
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     workers: int = DEFAULT_WORKERS
     login: LoginPolicy = LoginPolicy()
     failover: FailoverPolicy = field(
@@ -252,6 +263,10 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
         max_inflight=server.positive("max_inflight", DEFAULT_MAX_INFLIGHT),
         max_inflight_bytes=inflight_bytes,
         max_payload=max_payload,
+        max_connections=server.positive("max_connections", DEFAULT_MAX_CONNECTIONS),
+        max_connections_per_client=server.positive(
+            "max_connections_per_client", DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+        ),
         workers=server.positive("workers", DEFAULT_WORKERS),
         shutdown_timeout=server.positive("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT, float),
         control_socket=(base / control).resolve() if control else None,
@@ -259,6 +274,10 @@ def parse_config(data: Mapping[str, Any], base: Path) -> Config:
             max_failures=login.positive("max_failures", DEFAULT_MAX_LOGIN_FAILURES),
             window=login.positive("window", DEFAULT_FAILURE_WINDOW, float),
             timeout=login.positive("timeout", DEFAULT_LOGIN_TIMEOUT, float),
+            max_pending=login.positive("max_pending", DEFAULT_MAX_PENDING),
+            max_pending_per_peer=login.positive(
+                "max_pending_per_peer", DEFAULT_MAX_PENDING_PER_PEER
+            ),
         ),
         failover=policy,
         log_format=log_format,

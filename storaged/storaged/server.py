@@ -1,7 +1,12 @@
 """storaged's lifecycle: unlock volumes, listen, serve, shut down cleanly.
 
 The event loop accepts connections, answers the control socket and handles
-signals; every accepted connection is served by a Session on its own thread.
+signals.  An accepted connection waits on the loop (one descriptor, no
+thread) until its first bytes arrive, within ``login.timeout``; then a
+Session serves it on its own thread.  storaged.admission caps the
+connections not logged in yet and those served.  Accepting never stops on
+an error: out of descriptors or memory, it evicts the oldest connection not
+logged in and backs off.
 An export on an RBD image is served only while this instance holds the
 image's lock (storaged.failover): one task per such export stands by or
 serves.  Shutdown (SIGTERM or SIGINT): stop accepting, stop reading new
@@ -14,18 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from netblk.protocol.constants import BLOCK_SIZE, ExportFlag
 from netblk.tomlconf import ConfigError
+from storaged.admission import Admission, ConnectionLimits
 from storaged.config import Config, ExportConfig, RbdImage
 from storaged.failover import Ownership
 from storaged.login import Gatekeeper
@@ -43,6 +51,28 @@ LISTEN_BACKLOG = 128
 SHUTDOWN_POLL = 0.05
 #: How long a flush during shutdown may take per volume before we give up.
 FLUSH_TIMEOUT = 60.0
+#: accept() failures that mean the host is out of something (descriptors,
+#: memory): wait before the next try, from the first pause doubling to the
+#: longest.
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_FIRST_PAUSE = 0.01
+ACCEPT_LONGEST_PAUSE = 1.0
+#: accept() failures that are the new connection's own (accept(2) says to
+#: retry at once, as for EAGAIN).
+ACCEPT_CONNECTION_ERRORS = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.EPERM,
+    }
+)
 
 
 def read_passphrase(export: ExportConfig) -> bytes:
@@ -87,6 +117,14 @@ class StorageServer:
         self.stats = ServerStats()
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="storaged-io")
         self.gatekeeper = Gatekeeper(config.clients, config.exports, config.login)
+        self.admission: Admission[Session] = Admission(
+            ConnectionLimits(
+                max_pending=config.login.max_pending,
+                max_pending_per_peer=config.login.max_pending_per_peer,
+                max_connections=config.max_connections,
+                max_connections_per_client=config.max_connections_per_client,
+            )
+        )
         #: The exports this instance serves now; an RBD export is here only
         #: while this instance is its active.
         self.exports: dict[str, Export] = {}
@@ -96,6 +134,8 @@ class StorageServer:
         self._listeners: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
         self._sessions: dict[Session, threading.Thread] = {}
+        #: Connections waiting on the loop for their first bytes.
+        self._waiting: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self.addresses: list[tuple[str, int]] = []
 
@@ -164,28 +204,40 @@ class StorageServer:
         loop = asyncio.get_running_loop()
 
         async def accept(listener: socket.socket) -> None:
+            pause = ACCEPT_FIRST_PAUSE
             while True:
-                conn, peer = await loop.sock_accept(listener)
-                conn.setblocking(True)
+                try:
+                    conn, peer = await loop.sock_accept(listener)
+                except OSError as exc:
+                    if exc.errno in ACCEPT_CONNECTION_ERRORS:
+                        continue
+                    log.warning(
+                        "accept failed, retrying",
+                        extra={"event": "accept_failed", "error": str(exc), "pause": pause},
+                    )
+                    self._evict(self.admission.evict_oldest(), f"accept() failed: {exc}")
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, ACCEPT_LONGEST_PAUSE)
+                    continue
+                pause = ACCEPT_FIRST_PAUSE
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 session = Session(
                     conn,
                     peer,
+                    accepted_at=time.monotonic(),
                     tls=tls,
                     gatekeeper=self.gatekeeper,
+                    admission=self.admission,
                     exports=self.exports,
                     limits=limits,
                     pool=self.pool,
                     stats=self.stats,
                 )
-                thread = threading.Thread(
-                    target=self._serve_session,
-                    args=(session,),
-                    name=f"storaged-conn {session.peer}",
-                    daemon=True,
-                )
-                self._sessions[session] = thread
-                thread.start()
+                for victim in self.admission.arrive(session, session.peer_host):
+                    self._evict(victim, "too many connections waiting to log in")
+                waiting = asyncio.create_task(self._start_when_readable(session))
+                self._waiting.add(waiting)
+                waiting.add_done_callback(self._waiting.discard)
 
         for host in self.config.listen:
             for listener in await self._listen(host, self.config.port):
@@ -201,6 +253,58 @@ class StorageServer:
             "storaged listening",
             extra={"event": "listening", "addresses": [f"{h}:{p}" for h, p in self.addresses]},
         )
+
+    async def _start_when_readable(self, session: Session) -> None:
+        """Give ``session`` a thread once its client has sent something."""
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        descriptor = session.fileno()
+        loop.add_reader(descriptor, wake)
+        started = False
+        try:
+            await asyncio.wait_for(readable, session.login_deadline - time.monotonic())
+            started = not session.evicted
+        except TimeoutError:
+            self.stats.login_failed("tls")
+            log.warning(
+                "TLS handshake or login failed",
+                extra={
+                    "event": "login_failed",
+                    "peer": session.peer,
+                    "client": None,
+                    "reason": "the client sent nothing within login.timeout",
+                },
+            )
+        finally:
+            loop.remove_reader(descriptor)
+            if not started:  # timed out, evicted, or storaged shuts down
+                session.close()
+        if not started:
+            return
+        thread = threading.Thread(
+            target=self._serve_session,
+            args=(session,),
+            name=f"storaged-conn {session.peer}",
+            daemon=True,
+        )
+        self._sessions[session] = thread
+        thread.start()
+
+    def _evict(self, session: Session | None, reason: str) -> None:
+        """Close a connection that has not logged in, to make room."""
+        if session is None:
+            return
+        self.stats.login_failed("evicted")
+        log.info(
+            "connection closed before login to make room",
+            extra={"event": "login_evicted", "peer": session.peer, "reason": reason},
+        )
+        session.evict()
 
     def _serve_session(self, session: Session) -> None:
         self.stats.connection_opened()
@@ -277,7 +381,7 @@ class StorageServer:
 
     async def shutdown(self) -> None:
         log.info("shutting down", extra={"event": "shutdown", "sessions": len(self._sessions)})
-        for task in [*self._acceptors, *self._ownership_tasks]:
+        for task in [*self._acceptors, *self._ownership_tasks, *self._waiting]:
             task.cancel()
         for listener in self._listeners:
             listener.close()

@@ -52,6 +52,7 @@ from storaged._engine import (
     flush,
     run,
 )
+from storaged.admission import Admission
 from storaged.config import Access
 from storaged.login import Gatekeeper
 from storaged.stats import ServerStats
@@ -114,7 +115,8 @@ class Session:
     """Serves one accepted TCP connection until it ends or the server stops.
 
     ``run`` is the connection thread's body; ``stop`` and ``abort`` may be
-    called from any thread.
+    called from any thread.  Until ``run``, a session holds only its socket
+    (storaged.server waits on the event loop for its first bytes).
     """
 
     def __init__(
@@ -122,8 +124,10 @@ class Session:
         sock: socket.socket,
         peer: tuple[str, int],
         *,
+        accepted_at: float,
         tls: ServerTls,
         gatekeeper: Gatekeeper,
+        admission: Admission[Session],
         exports: Mapping[str, Export],
         limits: SessionLimits,
         pool: Executor,
@@ -133,8 +137,11 @@ class Session:
         # the bytes; _channel (after the handshake) carries them.
         self._sock = sock
         self._channel: Channel | None = None
+        #: When the login deadline (``login_timeout``) started (monotonic).
+        self.login_deadline = accepted_at + limits.login_timeout
         self._tls = tls
         self._gatekeeper = gatekeeper
+        self._admission = admission
         self._exports = exports
         self._limits = limits
         self._pool = pool
@@ -143,16 +150,17 @@ class Session:
         self._scanner: Scanner | None = None
         host, port = str(peer[0]), int(peer[1])
         self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self._peer_host = host
+        self.peer_host = host
         self.client: str | None = None
         self._serving: _Serving | None = None
         self._stopping = False
+        self.evicted = False
         self._flush_on_close = False
         # FLUSHes on the pool: their replies come back through _finished,
         # and _wakeup (an eventfd) interrupts a wait for the socket.
         self._on_pool = 0
         self._finished: SimpleQueue[tuple[bytes, Note | None]] = SimpleQueue()
-        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC)
+        self._wakeup = -1  # made at login: a connection not logged in holds one descriptor
 
     @property
     def export(self) -> str | None:
@@ -189,6 +197,20 @@ class Session:
     def _shutdown_socket(self, how: int) -> None:
         with contextlib.suppress(OSError):
             self._sock.shutdown(how)
+
+    def evict(self) -> None:
+        """Break a connection that has not logged in, to make room."""
+        self.evicted = True
+        self._shutdown_socket(socket.SHUT_RDWR)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Close a session that never ran (evicted or timed out before its
+        first bytes)."""
+        self._admission.leave(self)
+        self._sock.close()
 
     # ------------------------------------------------------------------
     # The connection thread
@@ -228,9 +250,11 @@ class Session:
         self._close()
 
     def _login(self) -> bool:
-        deadline = time.monotonic() + self._limits.login_timeout
+        deadline = self.login_deadline
         try:
-            self._sock.settimeout(self._limits.login_timeout)
+            if (remaining := deadline - time.monotonic()) <= 0:
+                raise TimeoutError("login timed out")
+            self._sock.settimeout(remaining)
             self._channel = channel = self._tls.handshake(self._sock)
             hello = self._read_hello(channel, deadline)
         except (OSError, TimeoutError) as exc:
@@ -250,7 +274,7 @@ class Session:
         # pool bounds how many run at once.
         decision = self._pool.submit(
             self._gatekeeper.decide,
-            self._peer_host,
+            self.peer_host,
             identity,
             hello.export,
             hello.token,
@@ -281,10 +305,25 @@ class Session:
             )
             channel.sendall(self._conn.refuse(LoginStatus.UNAVAILABLE))
             return False
+        assert identity is not None  # the gatekeeper admits only configured clients
+        full = self._admission.log_in(self, identity)
+        if full is not None:
+            self._stats.login_failed("connection_limit")
+            self._log(
+                logging.WARNING,
+                "login refused: too many connections",
+                "login_failed",
+                status=LoginStatus.UNAVAILABLE.name,
+                reason=full,
+                requested_export=hello.export,
+            )
+            channel.sendall(self._conn.refuse(LoginStatus.UNAVAILABLE))
+            return False
         flags = export.flags
         if decision.access is Access.RO:
             flags |= ExportFlag.READ_ONLY
-        self._serving = _Serving(export, self._stats.counters(export.name, identity or "?"))
+        self._serving = _Serving(export, self._stats.counters(export.name, identity))
+        self._wakeup = os.eventfd(0, os.EFD_CLOEXEC)
         channel.settimeout(None)
         channel.sendall(
             self._conn.accept(
@@ -453,5 +492,6 @@ class Session:
     def _close(self) -> None:
         if self._channel is not None:
             self._channel.close()
-        self._sock.close()
-        os.close(self._wakeup)
+        if self._wakeup >= 0:
+            os.close(self._wakeup)
+        self.close()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -183,18 +184,27 @@ async def serving(stack: Stack) -> AsyncIterator[StorageServer]:
 class ServerProcess:
     """``storaged --config`` as a child process, logs to a file."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, *, max_files: int | None = None) -> None:
         self.stack = stack
         self.log_path = stack.root / "storaged.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The process's RLIMIT_NOFILE (soft and hard), if not inherited.
+        self.max_files = max_files
 
     def start(self) -> None:
         script = Path(sys.executable).with_name("storaged")
+        max_files = self.max_files
+
+        def limit_files() -> None:
+            if max_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(script), "--config", str(self.stack.config_path)],
                 stdout=log,
                 stderr=log,
+                preexec_fn=limit_files,  # noqa: PLW1509 - setrlimit only, nothing thread-unsafe
             )
         # Unlocking volumes runs argon2id: seconds, minutes in an emulated guest.
         deadline = time.monotonic() + 180
@@ -262,11 +272,15 @@ class ThreadedServer:
         self.loop.close()
 
 
-def raw_tls_socket(stack: Stack, client: str = "alice", timeout: float = 60) -> ssl.SSLSocket:
+def raw_tls_socket(
+    stack: Stack, client: str = "alice", timeout: float = 60, source: str = "127.0.0.1"
+) -> ssl.SSLSocket:
     """A blocking TLS connection with ``client``'s certificate, not logged in."""
     cert, key = stack.client_tls(client)
     context = client_context(stack.pki.ca_cert, cert, key)
-    sock = socket.create_connection(("127.0.0.1", stack.port), timeout=timeout)
+    sock = socket.create_connection(
+        ("127.0.0.1", stack.port), timeout=timeout, source_address=(source, 0)
+    )
     return context.wrap_socket(sock, server_hostname="localhost")
 
 

@@ -101,6 +101,16 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
         (("[server]", "[server]\nmax_inflight = 0"), "server.max_inflight: must be positive"),
         (("[server]", '[server]\nmax_payload = "2MiB"'), "server.max_payload: must be"),
         (("[server]", "[server]\nmax_inflight_bytes = 4096"), "server.max_inflight_bytes"),
+        (("[server]", "[server]\nmax_connections = 0"), "server.max_connections: must be"),
+        (
+            ("[server]", '[server]\nmax_connections_per_client = "8"'),
+            "server.max_connections_per_client: expected int",
+        ),
+        (("[server]", "[login]\nmax_pending = -1\n[server]"), "login.max_pending: must be"),
+        (
+            ("[server]", "[login]\nmax_pending_per_peer = 1.5\n[server]"),
+            "login.max_pending_per_peer: expected int",
+        ),
         (('volume = "data.luks"', ""), "exports.data: set exactly one of volume or rbd"),
         (
             ('volume = "data.luks"', 'volume = "data.luks"\nrbd = { pool = "p" }'),
