@@ -14,6 +14,11 @@ Layout of a volume file made here (the cryptsetup 2.6 defaults)::
              the rest filled with random bytes so used and free space look alike
     16 MiB   data segment: AES-XTS-plain64, 4096-byte sectors, sparse
 
+Header copies, keyslot areas and the data segment never overlap, and the
+segment lies within the file or image (cryptsetup's rules, which it applies
+to the data only when activating): the header and data are one volume here,
+never a detached header.
+
 The module is the header format and the keyslots, layered: header parsing
 and validation, keyslot crypto (KDF, anti-forensic split/merge, keyslot-area
 encryption, key digest), header writing, and the public operations built on
@@ -103,6 +108,8 @@ KEYSLOTS_OFFSET = 2 * METADATA_SIZE
 KEYSLOTS_SIZE = DATA_OFFSET - KEYSLOTS_OFFSET
 #: Keyslot areas start and end on 4 KiB boundaries.
 KEYSLOT_AREA_ALIGNMENT = 4096
+#: Segment offsets and sizes are whole 512-byte sectors (cryptsetup's MISALIGNED_512).
+SEGMENT_ALIGNMENT = 512
 MAX_KEYSLOTS = 32
 
 CIPHER = "aes-xts-plain64"
@@ -255,14 +262,34 @@ class _Segment:
     iv_tweak: int
 
 
+class _Area(NamedTuple):
+    """The bytes a keyslot of any type owns in the keyslots area."""
+
+    keyslot: int
+    offset: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
 @dataclass(frozen=True)
 class _Metadata:
     """The parts of the JSON metadata this module interprets."""
 
     keyslots: dict[int, _Keyslot]
+    areas: tuple[_Area, ...]
     digests: tuple[_Digest, ...]
     segment: _Segment
+    #: The keyslots area follows the two header copies (2 x hdr_size).
+    keyslots_offset: int
     keyslots_size: int
+
+    @property
+    def header_end(self) -> int:
+        """End of the header copies and keyslots area (LUKS2_hdr_and_areas_size)."""
+        return self.keyslots_offset + self.keyslots_size
 
     def volume_key_size(self) -> int:
         """Key size of the keyslots bound to segment 0 (LUKS2 stores it nowhere else)."""
@@ -315,6 +342,23 @@ class _DiskHeader(NamedTuple):
 # --------------------------------------------------------------------------
 # Header parsing and validation
 # --------------------------------------------------------------------------
+
+
+_BINARY_UNITS = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+
+
+def _size_text(size: int) -> str:
+    """A byte count or offset in the largest binary unit that divides it."""
+    if size == 0:
+        return "0"
+    for unit, name in _BINARY_UNITS:
+        if size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
+
+
+def _span(start: int, end: int) -> str:
+    return f"{_size_text(start)}-{_size_text(end)}"
 
 
 def _get(obj: JsonObject, key: str, kind: type, where: str) -> Any:
@@ -388,19 +432,51 @@ def _parse_kdf(kdf: JsonObject, where: str) -> _Kdf:
     return _Kdf(type=kind, salt=salt, time_cost=0, memory_kib=0, parallelism=0, hash=None)
 
 
-def _parse_keyslot(slot_id: int, slot: JsonObject, keyslots_size: int) -> _Keyslot:
+def _parse_area(slot_id: int, slot: JsonObject) -> _Area:
     where = f"keyslot {slot_id}"
-    af = _get_obj(slot, "af", where)
     area = _get_obj(slot, "area", where)
+    return _Area(slot_id, _get_u64(area, "offset", where), _get_u64(area, "size", where))
+
+
+def _check_areas(areas: list[_Area], keyslots_offset: int, keyslots_size: int) -> None:
+    """cryptsetup's validate_intervals: every keyslot area is non-empty, lies in
+    the keyslots area (never over a header copy) and overlaps no other area."""
+    keyslots_end = keyslots_offset + keyslots_size
+    previous: _Area | None = None
+    # Sorted by offset, any overlap shows between neighbours.
+    for area in sorted(areas, key=lambda area: area.offset):
+        where = f"keyslot {area.keyslot}: area {_span(area.offset, area.end)}"
+        if area.size == 0:
+            raise Luks2Error(f"keyslot {area.keyslot}: empty area")
+        if area.offset < keyslots_offset:
+            raise Luks2Error(
+                f"{where} overlaps the LUKS2 header copies ({_span(0, keyslots_offset)})"
+            )
+        if area.end > keyslots_end:
+            raise Luks2Error(
+                f"{where} runs past the keyslots area ({_span(keyslots_offset, keyslots_end)})"
+            )
+        if previous is not None and area.offset < previous.end:
+            raise Luks2Error(
+                f"{where} overlaps the area of keyslot {previous.keyslot} "
+                f"({_span(previous.offset, previous.end)})"
+            )
+        previous = area
+
+
+def _parse_keyslot(area: _Area, slot: JsonObject) -> _Keyslot:
+    where = f"keyslot {area.keyslot}"
+    af = _get_obj(slot, "af", where)
+    area_json = _get_obj(slot, "area", where)
     keyslot = _Keyslot(
-        id=slot_id,
+        id=area.keyslot,
         key_size=_get_int(slot, "key_size", where),
         af_stripes=_get_int(af, "stripes", where),
         af_hash=_get_str(af, "hash", where),
-        area_offset=_get_u64(area, "offset", where),
-        area_size=_get_u64(area, "size", where),
-        area_cipher=_get_str(area, "encryption", where),
-        area_key_size=_get_int(area, "key_size", where),
+        area_offset=area.offset,
+        area_size=area.size,
+        area_cipher=_get_str(area_json, "encryption", where),
+        area_key_size=_get_int(area_json, "key_size", where),
         kdf=_parse_kdf(_get_obj(slot, "kdf", where), where),
         priority=_get_int(slot, "priority", where)
         if "priority" in slot
@@ -408,9 +484,6 @@ def _parse_keyslot(slot_id: int, slot: JsonObject, keyslots_size: int) -> _Keysl
     )
     if keyslot.key_size == 0 or keyslot.af_stripes == 0:
         raise Luks2Error(f"{where}: empty key or zero AF stripes")
-    area_end = KEYSLOTS_OFFSET + keyslots_size
-    if not (KEYSLOTS_OFFSET <= keyslot.area_offset <= area_end - keyslot.area_size):
-        raise Luks2Error(f"{where}: area lies outside the keyslots area")
     if _af_sectors(keyslot.key_size, keyslot.af_stripes) * IV_UNIT > keyslot.area_size:
         raise Luks2Error(f"{where}: area too small for {keyslot.af_stripes} stripes")
     return keyslot
@@ -442,13 +515,22 @@ def _parse_segment(segments: JsonObject) -> _Segment:
     kind = _get_str(segment, "type", where)
     if kind != "crypt":
         raise Luks2Error(f"{where}: unsupported segment type {kind!r}")
+    offset = _get_u64(segment, "offset", where)
     size_text = _get_str(segment, "size", where)
+    size = None if size_text == "dynamic" else _get_u64(segment, "size", where)
     sector_size = _get_int(segment, "sector_size", where)
     if not valid_sector_size(sector_size):
         raise Luks2Error(f"{where}: invalid sector size {sector_size}")
+    # cryptsetup's hdr_validate_segments and hdr_validate_crypt_segment.
+    if offset % SEGMENT_ALIGNMENT:
+        raise Luks2Error(f"{where}: offset {offset} is not a multiple of {SEGMENT_ALIGNMENT} bytes")
+    if size is not None and (size == 0 or size % sector_size):
+        raise Luks2Error(
+            f"{where}: size {size} is not a positive multiple of the sector size {sector_size}"
+        )
     return _Segment(
-        offset=_get_u64(segment, "offset", where),
-        size=None if size_text == "dynamic" else _get_u64(segment, "size", where),
+        offset=offset,
+        size=size,
         cipher=_get_str(segment, "encryption", where),
         sector_size=sector_size,
         iv_tweak=_get_u64(segment, "iv_tweak", where),
@@ -465,18 +547,24 @@ def _parse_metadata(raw: JsonObject, metadata_size: int) -> _Metadata:
     if isinstance(requirements, dict) and requirements.get("mandatory"):
         raise Luks2Error(f"volume has unsupported requirements {requirements['mandatory']}")
     _get_obj(raw, "tokens", "metadata")
+    keyslots_offset = 2 * metadata_size
     keyslots: dict[int, _Keyslot] = {}
+    areas: list[_Area] = []
     for key, slot in _get_obj(raw, "keyslots", "metadata").items():
         if not key.isdigit() or not isinstance(slot, dict):
             raise Luks2Error(f"malformed keyslot {key!r}")
+        areas.append(area := _parse_area(int(key), slot))
         # Other keyslot types (reencrypt) are never opened by a passphrase.
         if slot.get("type") == "luks2":
-            keyslots[int(key)] = _parse_keyslot(int(key), slot, keyslots_size)
+            keyslots[int(key)] = _parse_keyslot(area, slot)
+    _check_areas(areas, keyslots_offset, keyslots_size)
     digests = _get_obj(raw, "digests", "metadata")
     return _Metadata(
         keyslots=keyslots,
+        areas=tuple(areas),
         digests=tuple(_parse_digest(key, _get_obj(digests, key, "digests")) for key in digests),
         segment=_parse_segment(_get_obj(raw, "segments", "metadata")),
+        keyslots_offset=keyslots_offset,
         keyslots_size=keyslots_size,
     )
 
@@ -564,9 +652,13 @@ def _load_header(fd: int, path: Path) -> _Header:
     if not copies:
         if primary == _BAD_MAGIC and secondary == _BAD_MAGIC:
             raise Luks2Error(f"{path}: not a LUKS2 volume (bad magic)")
-        raise Luks2Error(
-            f"{path}: no valid LUKS2 header (primary: {primary}; secondary: {secondary})"
+        # Both copies of one JSON fail alike: say why once.
+        why = (
+            f"both copies: {primary}"
+            if primary == secondary
+            else f"primary: {primary}; secondary: {secondary}"
         )
+        raise Luks2Error(f"{path}: no valid LUKS2 header ({why})")
     return max(copies, key=lambda copy: copy.seqid)
 
 
@@ -1076,14 +1168,41 @@ def format_volume(
     return read_info(path)
 
 
+def _data_size(meta: _Metadata, device_size: int, path: Path) -> int:
+    """Size of the data segment, refusing one that is not wholly between the
+    header and the end of the device: storaged serves both from one volume, and
+    a detached header's segment (offset 0 by default) would be served over it."""
+    segment = meta.segment
+    start = segment.offset
+    if start < meta.header_end:
+        area = next((area for area in meta.areas if area.offset <= start < area.end), None)
+        overlapped = (
+            f"the area of keyslot {area.keyslot} ({_span(area.offset, area.end)})"
+            if area is not None
+            else f"the LUKS2 header ({_span(0, meta.header_end)})"
+        )
+        raise Luks2Error(
+            f"{path}: data segment at offset {_size_text(start)} overlaps {overlapped}: is this "
+            "a detached header? storaged needs the header and data in one volume"
+        )
+    if segment.size is None:
+        if start >= device_size:
+            raise Luks2Error(
+                f"{path}: data segment at offset {_size_text(start)} starts at or beyond the end "
+                f"of the volume ({_size_text(device_size)})"
+            )
+        return device_size - start
+    if start + segment.size > device_size:
+        raise Luks2Error(
+            f"{path}: data segment {_span(start, start + segment.size)} runs past the end "
+            f"of the volume ({_size_text(device_size)})"
+        )
+    return segment.size
+
+
 def _volume_info(header: _Header, device_size: int, path: Path) -> VolumeInfo:
     segment = header.meta.segment
-    if segment.size is not None:
-        data_size = segment.size
-    elif device_size >= segment.offset:
-        data_size = device_size - segment.offset
-    else:
-        raise Luks2Error(f"{path}: file is shorter than the data offset")
+    data_size = _data_size(header.meta, device_size, path)
     return VolumeInfo(
         uuid=header.identity.uuid,
         label=header.identity.label,
@@ -1130,14 +1249,12 @@ def unlock(path: Path, passphrase: bytes) -> bytes:
 
 def _free_area(meta: _Metadata, size: int) -> int:
     """First 4 KiB-aligned gap in the keyslots area that fits ``size`` bytes."""
-    candidate = KEYSLOTS_OFFSET
-    for start, end in sorted(
-        (slot.area_offset, slot.area_offset + slot.area_size) for slot in meta.keyslots.values()
-    ):
+    candidate = meta.keyslots_offset
+    for start, end in sorted((area.offset, area.end) for area in meta.areas):
         if candidate + size <= start:
             break
         candidate = max(candidate, _round_up(end, KEYSLOT_AREA_ALIGNMENT))
-    if candidate + size > KEYSLOTS_OFFSET + meta.keyslots_size:
+    if candidate + size > meta.header_end:
         raise Luks2Error("no space left in the keyslots area")
     return candidate
 

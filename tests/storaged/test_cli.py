@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from storaged import luks2
 from storaged.cli import main
 from storaged.client import RequestError
 from tests.storaged.stack import ServerProcess, Stack, run
@@ -59,6 +61,37 @@ def test_wrong_passphrase_stops_startup_with_a_clear_error(stack: Stack) -> None
     assert "storaged: error:" in result.stderr
     assert "passphrase" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_detached_header_stops_startup_with_a_clear_error(stack: Stack) -> None:
+    """A detached header (what `cryptsetup luksFormat --header` writes: data at
+    offset 0 of another device) named as a volume: storaged would serve the
+    header's own 16 MiB as the export, so it refuses to start and writes nothing."""
+    volume = stack.volume_path("data")
+    fd = os.open(volume, os.O_RDWR)
+    try:
+        header = luks2._load_header(fd, volume)
+        header.raw["segments"]["0"]["offset"] = "0"
+        luks2._write_headers(fd, header.identity, header.seqid + 1, header.raw)
+        os.ftruncate(fd, luks2.DATA_OFFSET)
+    finally:
+        os.close(fd)
+    before = volume.read_bytes()
+    result = subprocess.run(
+        [STORAGED, "--config", str(stack.config_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,  # rather than serving the header forever
+    )
+    assert result.returncode == 1
+    error = result.stderr.splitlines()[-1]  # after the debug log lines
+    assert error.startswith(f"storaged: error: exports.data: {volume}: ")
+    assert error.endswith(
+        ": data segment at offset 0 overlaps the LUKS2 header (0-16 MiB): is this a detached "
+        "header? storaged needs the header and data in one volume"
+    )
+    assert volume.read_bytes() == before
 
 
 def test_stats_over_the_control_socket_match_the_io(

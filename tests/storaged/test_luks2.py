@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from storaged import luks2
+from storaged.config import RbdImage
+from storaged.volume import Volume, header_file
 
 FAST = luks2.TEST_KDF_PARAMS
 PASSPHRASE = b"correct horse battery staple"
@@ -433,6 +435,212 @@ def test_af_split_merge_round_trip(key_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Layout: header copies, keyslot areas and the data segment never overlap
+# ---------------------------------------------------------------------------
+
+KIB = 1 << 10
+#: make_volume's file: 16 MiB of header and keyslots, then the data.
+VOLUME_FILE_SIZE = luks2.DATA_OFFSET + DATA_SIZE
+DETACHED = r": is this a detached header\? storaged needs the header and data in one volume"
+
+Edit = Callable[[dict[str, Any]], None]
+
+
+def write_unchecked_metadata(path: Path, edit: Edit) -> None:
+    """Like rewrite_metadata, but also writes JSON that storaged refuses to
+    write itself: a crafted or foreign header."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        header = luks2._load_header(fd, path)
+        raw = json.loads(json.dumps(header.raw))
+        edit(raw)
+        metadata_size = header.identity.metadata_size
+        json_area = luks2._json_area(raw, metadata_size)
+        for offset in (0, metadata_size):
+            binary = bytearray(
+                luks2._binary_header(header.identity, header.seqid + 1, secondary=offset > 0)
+            )
+            csum = luks2._checksum(luks2.HEADER_CHECKSUM_ALG, bytes(binary), json_area)
+            binary[luks2.CHECKSUM_FIELD_OFFSET : luks2.CHECKSUM_FIELD_OFFSET + len(csum)] = csum
+            os.pwrite(fd, bytes(binary) + json_area, offset)
+    finally:
+        os.close(fd)
+
+
+def set_segment(**fields: int) -> Edit:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["segments"]["0"].update({key: str(value) for key, value in fields.items()})
+
+    return edit
+
+
+def move_keyslot_area(offset: int) -> Edit:
+    """Keyslot 0's area at ``offset`` (its key material stays where it was)."""
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["keyslots"]["0"]["area"]["offset"] = str(offset)
+
+    return edit
+
+
+def add_keyslot_copy(offset: int) -> Edit:
+    """A second keyslot, keyslot 0's copy with its area at ``offset``."""
+
+    def edit(raw: dict[str, Any]) -> None:
+        raw["keyslots"]["1"] = json.loads(json.dumps(raw["keyslots"]["0"]))
+        raw["keyslots"]["1"]["area"]["offset"] = str(offset)
+        raw["digests"]["0"]["keyslots"].append("1")
+
+    return edit
+
+
+#: Keyslot 0 of make_volume: 32 KiB-284 KiB (4000 stripes of a 64-byte key).
+SLOT0 = "32 KiB-284 KiB"
+
+#: id: (edit, error, whether cryptsetup's own header validation accepts it:
+#: those layouts are wrong only for a header and data in one volume of this size).
+BAD_LAYOUTS: dict[str, tuple[Edit, str, bool]] = {
+    "segment-at-0": (
+        set_segment(offset=0),
+        r"data segment at offset 0 overlaps the LUKS2 header \(0-16 MiB\)" + DETACHED,
+        True,
+    ),
+    "segment-in-keyslot-area": (
+        set_segment(offset=luks2.KEYSLOTS_OFFSET + 4 * KIB),
+        rf"data segment at offset 36 KiB overlaps the area of keyslot 0 \({SLOT0}\)" + DETACHED,
+        False,
+    ),
+    "segment-in-free-keyslots-space": (
+        set_segment(offset=8 * MIB),
+        r"data segment at offset 8 MiB overlaps the LUKS2 header \(0-16 MiB\)" + DETACHED,
+        False,
+    ),
+    "segment-beyond-the-file": (
+        set_segment(offset=32 * MIB),
+        r"data segment at offset 32 MiB starts at or beyond the end of the volume \(17 MiB\)",
+        True,
+    ),
+    "segment-at-the-end-of-the-file": (
+        set_segment(offset=VOLUME_FILE_SIZE),
+        r"data segment at offset 17 MiB starts at or beyond the end of the volume \(17 MiB\)",
+        True,
+    ),
+    "fixed-size-past-the-file": (
+        set_segment(size=2 * MIB),
+        r"data segment 16 MiB-18 MiB runs past the end of the volume \(17 MiB\)",
+        True,
+    ),
+    "unaligned-segment-offset": (
+        set_segment(offset=luks2.DATA_OFFSET + 100),
+        r"both copies: invalid JSON metadata: segment 0: offset 16777316 is not a multiple "
+        r"of 512 bytes",
+        False,
+    ),
+    "segment-size-not-whole-sectors": (
+        set_segment(size=DATA_SIZE - 512),
+        r"segment 0: size 1048064 is not a positive multiple of the sector size 4096",
+        False,
+    ),
+    "keyslot-over-the-secondary-header": (
+        move_keyslot_area(luks2.METADATA_SIZE),
+        r"keyslot 0: area 16 KiB-268 KiB overlaps the LUKS2 header copies \(0-32 KiB\)",
+        False,
+    ),
+    "keyslot-past-the-keyslots-area": (
+        move_keyslot_area(luks2.DATA_OFFSET - 4 * KIB),
+        r"keyslot 0: area 16380 KiB-16632 KiB runs past the keyslots area \(32 KiB-16 MiB\)",
+        False,
+    ),
+    "keyslots-overlapping": (
+        add_keyslot_copy(luks2.KEYSLOTS_OFFSET + 4 * KIB),
+        rf"keyslot 1: area 36 KiB-288 KiB overlaps the area of keyslot 0 \({SLOT0}\)",
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LAYOUTS)
+def test_bad_layout_is_refused_at_open(tmp_path: Path, case: str) -> None:
+    """A volume whose data would overwrite its header or keyslots, or lies
+    outside the file, never opens: the server's start fails with the reason."""
+    edit, error, _cryptsetup_parses = BAD_LAYOUTS[case]
+    path = make_volume(tmp_path)
+    write_unchecked_metadata(path, edit)
+    with pytest.raises(luks2.Luks2Error, match=error):
+        Volume.open(path, PASSPHRASE)
+
+
+@pytest.mark.parametrize(
+    ("edit", "offset", "size"),
+    [
+        (set_segment(size=DATA_SIZE), luks2.DATA_OFFSET, DATA_SIZE),
+        (set_segment(size=DATA_SIZE // 2), luks2.DATA_OFFSET, DATA_SIZE // 2),
+        (
+            set_segment(offset=luks2.DATA_OFFSET + 4 * KIB),
+            luks2.DATA_OFFSET + 4 * KIB,
+            MIB - 4 * KIB,
+        ),
+    ],
+    ids=["fixed-to-the-end", "fixed-short-of-the-end", "dynamic-after-a-gap"],
+)
+def test_segment_between_header_and_end_opens(
+    tmp_path: Path, edit: Edit, offset: int, size: int
+) -> None:
+    path = make_volume(tmp_path)
+    key = luks2.unlock(path, PASSPHRASE)
+    rewrite_metadata(path, edit)
+    volume = Volume.open(path, PASSPHRASE)
+    assert (luks2.read_info(path).data_offset, volume.size) == (offset, size)
+    assert luks2.unlock(path, PASSPHRASE) == key
+    volume.close()
+
+
+def test_storaged_never_writes_a_bad_layout(tmp_path: Path) -> None:
+    path = make_volume(tmp_path)
+    before = path.read_bytes()[: 2 * luks2.METADATA_SIZE]
+    with pytest.raises(luks2.Luks2Error, match="overlaps the area of keyslot 0"):
+        rewrite_metadata(path, add_keyslot_copy(luks2.KEYSLOTS_OFFSET + 4 * KIB))
+    assert path.read_bytes()[: 2 * luks2.METADATA_SIZE] == before
+
+
+class ImageStore:
+    """Stands in for an RbdStore: the image's size is its own, not a file's."""
+
+    def __init__(self, content: bytes, size: int) -> None:
+        self.content = content
+        self.size = size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.content[offset : offset + length].ljust(length, b"\0")
+
+
+def image_info(tmp_path: Path, volume: Path, image_size: int) -> luks2.VolumeInfo:
+    """What storaged reads from an image holding ``volume``'s header."""
+    image = RbdImage(pool="netblk", image="data", conf=tmp_path / "ceph.conf", client="netblk")
+    store = ImageStore(volume.read_bytes()[: luks2.DATA_OFFSET], image_size)
+    with header_file(image, store) as header:  # type: ignore[arg-type]
+        return luks2.read_info(header)
+
+
+def test_image_size_bounds_the_segment(tmp_path: Path) -> None:
+    """An RBD image's size is the device size, whatever size the file had."""
+    dynamic = make_volume(tmp_path, "dynamic.img")
+    with pytest.raises(
+        luks2.Luks2Error,
+        match=r"data segment at offset 16 MiB starts at or beyond the end of the volume \(16 MiB\)",
+    ):
+        image_info(tmp_path, dynamic, luks2.DATA_OFFSET)
+    fixed = make_volume(tmp_path, "fixed.img")
+    rewrite_metadata(fixed, set_segment(size=DATA_SIZE))
+    assert image_info(tmp_path, fixed, VOLUME_FILE_SIZE).data_size == DATA_SIZE
+    with pytest.raises(
+        luks2.Luks2Error,
+        match=r"data segment 16 MiB-17 MiB runs past the end of the volume \(16896 KiB\)",
+    ):
+        image_info(tmp_path, fixed, VOLUME_FILE_SIZE - DATA_SIZE // 2)
+
+
+# ---------------------------------------------------------------------------
 # KDF parameter selection
 # ---------------------------------------------------------------------------
 
@@ -573,3 +781,53 @@ class TestWeReadCryptsetups:
         assert luks2.read_info(path).cipher == "aes-cbc-essiv:sha256"
         with pytest.raises(luks2.Luks2Error, match="unsupported data cipher"):
             luks2.unlock(path, PASSPHRASE)
+
+    def test_detached_header_is_refused(self, tmp_path: Path) -> None:
+        """`luksFormat --header` puts the data at offset 0 of another device:
+        served as a volume, the header file's 16 MiB would be the export."""
+        header = tmp_path / "detached.hdr"
+        data = cryptsetup_format(tmp_path, *ARGON2_SMALL, "--header", str(header))
+        before = header.read_bytes()
+        with pytest.raises(
+            luks2.Luks2Error,
+            match=r"data segment at offset 0 overlaps the LUKS2 header \(0-16 MiB\)" + DETACHED,
+        ):
+            Volume.open(header, PASSPHRASE)
+        assert header.read_bytes() == before
+        # The data device holds no header at all.
+        with pytest.raises(luks2.Luks2Error, match="not a LUKS2 volume"):
+            luks2.read_info(data)
+
+    def test_larger_header_copies(self, tmp_path: Path) -> None:
+        """With 64 KiB copies the keyslots start at 128 KiB, not 32 KiB."""
+        path = cryptsetup_format(tmp_path, *ARGON2_SMALL, "--luks2-metadata-size", "64k")
+        info = luks2.read_info(path)
+        assert [slot.area_offset for slot in info.keyslots] == [128 * KIB]
+        assert luks2.unlock(path, PASSPHRASE) == cryptsetup_volume_key(tmp_path, path, PASSPHRASE)
+        write_unchecked_metadata(path, move_keyslot_area(64 * KIB))
+        with pytest.raises(
+            luks2.Luks2Error,
+            match=r"keyslot 0: area 64 KiB-316 KiB overlaps the LUKS2 header copies "
+            r"\(0-128 KiB\)",
+        ):
+            luks2.read_info(path)
+
+    def test_new_keyslot_goes_after_the_largest_header_copies(self, tmp_path: Path) -> None:
+        """4 MiB copies end at 8 MiB: a keyslot placed before would be overwritten
+        by the next header write."""
+        path = cryptsetup_format(tmp_path, *ARGON2_SMALL, "--luks2-metadata-size", "4m")
+        luks2.add_passphrase(path, PASSPHRASE, b"second", FAST)
+        offsets = [slot.area_offset for slot in luks2.read_info(path).keyslots]
+        assert min(offsets) >= 2 * luks2.MAX_METADATA_SIZE
+        assert cryptsetup_accepts(tmp_path, path, b"second")
+        assert luks2.unlock(path, b"second") == luks2.unlock(path, PASSPHRASE)
+
+    @pytest.mark.parametrize("case", BAD_LAYOUTS)
+    def test_cryptsetup_agrees_about_bad_layouts(self, tmp_path: Path, case: str) -> None:
+        """What cryptsetup's header validation refuses, storaged refuses too; the
+        rest cryptsetup refuses only on activation (header and data on one device
+        or a device too small)."""
+        edit, _error, cryptsetup_parses = BAD_LAYOUTS[case]
+        path = make_volume(tmp_path)
+        write_unchecked_metadata(path, edit)
+        assert (cryptsetup("luksDump", path, check=False).returncode == 0) == cryptsetup_parses
