@@ -545,22 +545,23 @@ release:
 }
 
 const char eng_flush_doc[] =
-"flush(scanner, volume, counters, handle, /) -> (reply, note)\n\n"
-"Run the FLUSH that run() stopped at (STOP_FLUSH) and answer it: every\n"
-"write completed before it is durable when the reply is.  The GIL is\n"
-"released while the store flushes.  note is None, or an 'io_error' note\n"
-"as run() makes them.";
+"flush(scanner, volume, counters, handle, /) -> (error, note)\n\n"
+"Run the FLUSH that run() stopped at (STOP_FLUSH): every write completed\n"
+"before it is durable when it returns.  error is the reply's NETBLK_E*\n"
+"errno; the handle stays in flight until the caller sends the reply made\n"
+"by scanner.answer(handle, error), which may be on another thread.  The\n"
+"GIL is released while the store flushes.  note is None, or an 'io_error'\n"
+"note as run() makes them.";
 
 PyObject *eng_flush(PyObject *Py_UNUSED(module), PyObject *const *args,
 		    Py_ssize_t nargs)
 {
 	struct eng_frame frame = { .opcode = NETBLK_CMD_FLUSH };
 	struct eng_io io = { .op = ENG_IO_FLUSH };
-	unsigned char header[sizeof(struct netblk_reply)];
 	EngScanner *scanner;
 	EngVolume *volume;
 	EngCounters *counters;
-	PyObject *reply, *note;
+	PyObject *note;
 	uint32_t error = NETBLK_EOK;
 	double began;
 
@@ -579,19 +580,12 @@ PyObject *eng_flush(PyObject *Py_UNUSED(module), PyObject *const *args,
 	Py_END_ALLOW_THREADS
 	if (io.error)
 		error = exec_wire_error(io.error);
-	eng_handles_remove(&scanner->inflight, frame.handle);
 	eng_count_request(&counters->counts, NETBLK_CMD_FLUSH, 0, error,
 			  exec_clock() - began);
-	eng_reply_header(header, frame.handle, error);
-	reply = PyBytes_FromStringAndSize((const char *)header, sizeof(header));
-	if (!reply)
-		return NULL;
 	if (!io.error)
-		return Py_BuildValue("(NO)", reply, Py_None);
+		return Py_BuildValue("(kO)", (unsigned long)error, Py_None);
 	note = exec_note("io_error", &frame, error, strerror(io.error));
-	if (!note) {
-		Py_DECREF(reply);
+	if (!note)
 		return NULL;
-	}
-	return Py_BuildValue("(NN)", reply, note);
+	return Py_BuildValue("(kN)", (unsigned long)error, note);
 }

@@ -135,5 +135,6 @@ def run(
 
 def flush(
     scanner: Scanner, volume: Volume, counters: Counters, handle: int, /
-) -> tuple[bytes, Note | None]:
-    """Run the FLUSH ``run`` stopped at and answer it: (reply, note)."""
+) -> tuple[int, Note | None]:
+    """Run the FLUSH ``run`` stopped at: (error, note).  Its handle stays in
+    flight until ``scanner.answer(handle, error)`` makes the reply."""

@@ -156,10 +156,11 @@ class Session:
         self._stopping = False
         self.evicted = False
         self._flush_on_close = False
-        # FLUSHes on the pool: their replies come back through _finished,
-        # and _wakeup (an eventfd) interrupts a wait for the socket.
+        # FLUSHes on the pool: (handle, error, note) come back through
+        # _finished, and _wakeup (an eventfd) interrupts a wait for the socket.
+        # Their handles stay in flight until this thread sends the replies.
         self._on_pool = 0
-        self._finished: SimpleQueue[tuple[bytes, Note | None]] = SimpleQueue()
+        self._finished: SimpleQueue[tuple[int, int, Note | None]] = SimpleQueue()
         self._wakeup = -1  # made at login: a connection not logged in holds one descriptor
 
     @property
@@ -461,13 +462,13 @@ class Session:
         assert self._serving is not None and self._scanner is not None
         self._on_pool += 1
 
-        def done(future: Future[tuple[bytes, Note | None]]) -> None:
+        def done(future: Future[tuple[int, Note | None]]) -> None:
             try:
-                answer = future.result()
+                error, note = future.result()
             except Exception:
                 self._log(logging.ERROR, "request failed", "internal_error", exc_info=True)
-                answer = self._conn.send_reply(handle, Errno.IO), None
-            self._finished.put(answer)
+                error, note = Errno.IO, None
+            self._finished.put((handle, error, note))
             os.eventfd_write(self._wakeup, 1)
 
         serving = self._serving
@@ -480,9 +481,9 @@ class Session:
         replies: list[bytes] = []
         notes: list[Note] = []
         while self._on_pool and (block or not self._finished.empty()):
-            reply, note = self._finished.get()
+            handle, error, note = self._finished.get()
             self._on_pool -= 1
-            replies.append(reply)
+            replies.append(self._conn.send_reply(handle, Errno(error)))
             if note is not None:
                 notes.append(note)
         self._log_notes(notes)

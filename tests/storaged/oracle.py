@@ -393,13 +393,12 @@ def run(
 
 def flush(
     scanner: FrameOracle, volume: VolumeOracle, counts: CountsOracle, handle: int
-) -> tuple[bytes, Note | None]:
-    """``storaged._engine.flush``."""
+) -> tuple[int, Note | None]:
+    """``storaged._engine.flush``: the handle stays in flight."""
     failure = volume.store.flush()
     error = wire_error(failure) if failure else 0
-    scanner.handles.discard(handle)
     counts.request(Cmd.FLUSH, 0, error)
     note = (
         ("io_error", handle, int(Cmd.FLUSH), 0, 0, error, os.strerror(failure)) if failure else None
     )
-    return encode_reply(handle, error), note
+    return error, note

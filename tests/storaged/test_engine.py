@@ -179,6 +179,11 @@ def serve(pair: Pair, stream: bytes, room: int, payload_room: int) -> list[objec
             assert flushed == oracle.flush(
                 pair.model_scanner, pair.model, pair.model_counts, detail
             )
+            # In flight until answered (by the session, when it sends the reply).
+            assert pair.scanner.inflight == pair.model_scanner.inflight == 1
+            assert pair.scanner.answer(detail, flushed[0]) == pair.model_scanner.answer(
+                detail, flushed[0]
+            )
         elif stop != STOP_FULL:
             break
     assert pair.scanner.inflight == pair.model_scanner.inflight == 0 or stop == STOP_BROKEN

@@ -558,6 +558,32 @@ def test_malformed_frame_after_login(env: Env, case: BadFrame) -> None:
     assert_nothing_changed(env)
 
 
+REUSED = [Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.FLUSH]
+
+
+@pytest.mark.parametrize("first", [Cmd.READ, Cmd.FLUSH], ids=lambda op: op.name)
+@pytest.mark.parametrize("again", REUSED, ids=lambda op: op.name)
+def test_a_handle_sent_again_while_in_flight_ends_the_connection(
+    env: Env, first: Cmd, again: Cmd
+) -> None:
+    """docs/protocol.md: reusing a handle that is in flight is fatal, whatever
+    the opcodes; the reuses that change data never reach the volume."""
+    offset, length = (0, 0) if first is Cmd.FLUSH else (TAIL, BLOCK_SIZE)
+    reuse_length = 0 if again is Cmd.FLUSH else BLOCK_SIZE
+    payload = BLOCK_SIZE if again is Cmd.WRITE else 0
+    frames = request(first, offset, length) + 3 * request(again, HEAD, reuse_length, payload)
+    assert len(frames) <= 16384  # one TLS record: storaged receives them at once
+    with logged_in(env) as sock:
+        peer = local_peer(sock)
+        sock.sendall(frames)
+        answered = read_to_close(sock)
+    # At most the first request's reply (and data) came back, then the close.
+    assert len(answered) in (0, REPLY.size + length)
+    assert_logged(env, "protocol_error", "already in flight", peer=peer, client="alice")
+    assert env.stats_delta()["protocol_errors"] == 1
+    assert_nothing_changed(env)
+
+
 # --- malformed HELLO ------------------------------------------------------------
 
 
