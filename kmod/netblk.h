@@ -48,6 +48,15 @@
 #define NETBLK_DISCONNECT_WAIT_MS	2000
 #define NETBLK_DRAIN_MAX_MS		30000
 /*
+ * Times a request is sent again after the connection it was sent on died
+ * (nvme's default nvme_max_retries); the next loss fails it with EIO, so a
+ * request that kills every server it reaches ends instead of looping.
+ */
+#define NETBLK_MAX_RESENDS		5
+/* The largest export the block layer can address: an loff_t of bytes. */
+#define NETBLK_MAX_EXPORT_SIZE \
+	round_down((u64)MAX_LFS_FILESIZE, NETBLK_BLOCK_SIZE)
+/*
  * A batch leaves its queue's connection when that has this much more
  * payload in flight than the least loaded one: see netblk_conn_choose().
  */
@@ -213,6 +222,7 @@ struct netblk_cmd {
 	struct netblk_sock *nc_nsock;
 	unsigned long nc_flags;
 	u32 nc_cookie;
+	u8 nc_resends;		/* sends after a lost connection; < NETBLK_MAX_RESENDS */
 	blk_status_t nc_status;
 };
 
@@ -285,9 +295,16 @@ struct netblk_hs_req {
  *	or the attempt at one, is for
  * @nd_last_server: index of the server last connected to, -1 for none
  *	since the last connect
- * @nd_attempts: connect attempts in this outage (or first connect)
+ * @nd_attempts: connect attempts in this outage (or first connect),
+ *	failed ones and reconnects that answered nothing
  * @nd_backoff_ms: delay before the next reconnect attempt
  * @nd_dead_deadline: jiffies at which this outage fails all I/O
+ * @nd_outage: an outage began since the last connect; a loss continues it
+ *	(keeps its deadline and attempts) unless the set lost answered a
+ *	request or was never sent one
+ * @nd_asked: a request was sent on the connection set (written by senders)
+ * @nd_answered: a reply completed a request on the connection set (written
+ *	by the receive workers)
  * @nd_disconnecting: a disconnect is draining I/O; do not reconnect
  * @nd_dying: the module is unloading; refuse connect
  * @nd_connect_work: creates the socket and connects (also the retry timer)
@@ -321,6 +338,9 @@ struct netblk_dev {
 	unsigned int nd_attempts;
 	unsigned int nd_backoff_ms;
 	unsigned long nd_dead_deadline;
+	bool nd_outage;
+	bool nd_asked;
+	bool nd_answered;
 	bool nd_disconnecting;
 	bool nd_dying;
 

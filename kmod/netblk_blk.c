@@ -17,7 +17,8 @@
  * completes it.  When the connection fails, every INFLIGHT
  * command is requeued (while reconnecting) or failed (otherwise), by
  * whoever first clears INFLIGHT under the command's lock: the timeout
- * handler, a failed send, or the connection reset.
+ * handler, a failed send, or the connection reset.  A request is sent
+ * again at most NETBLK_MAX_RESENDS times (netblk_resend()).
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -192,6 +193,36 @@ static void netblk_queue_end_batch(struct netblk_queue *nq)
 	netblk_queue_forget(nq);
 }
 
+/* Note once per connection set that the server was asked or answered. */
+static void netblk_note(bool *flag)
+{
+	if (!READ_ONCE(*flag))
+		WRITE_ONCE(*flag, true);
+}
+
+/*
+ * @rq was sent on a connection that died: requeue it to be sent again, if
+ * its resend budget lasts and the device may wait.  Return: true if
+ * requeued; false if the caller must fail it.
+ */
+static bool netblk_resend(struct netblk_dev *dev, struct request *rq)
+{
+	struct netblk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	if (cmd->nc_resends >= NETBLK_MAX_RESENDS) {
+		dev_err_ratelimited(disk_to_dev(dev->nd_disk),
+				    "op %u at %llu+%u failed: its connection was lost %u times\n",
+				    req_op(rq),
+				    (u64)blk_rq_pos(rq) << SECTOR_SHIFT,
+				    blk_rq_bytes(rq), cmd->nc_resends + 1);
+		return false;
+	}
+	if (!netblk_conn_requeue(dev, rq))
+		return false;
+	cmd->nc_resends++;
+	return true;
+}
+
 /*
  * Send @rq on @nsock as part of @nq's batch and keep the batch's record
  * state.  Return: as queue_rq.
@@ -217,6 +248,7 @@ static blk_status_t netblk_queue_send(struct netblk_dev *dev,
 	netblk_inflight_set(dev, cmd, nsock);
 	err = netblk_sock_send_rq(nsock, rq, &hdr, !last, &sent);
 	if (!err) {
+		netblk_note(&dev->nd_asked);
 		if (last) {
 			/* This frame pushed the batch's record. */
 			netblk_queue_forget(nq);
@@ -233,7 +265,7 @@ static blk_status_t netblk_queue_send(struct netblk_dev *dev,
 		return BLK_STS_RESOURCE;
 	}
 	netblk_sock_fail(nsock, "send failed (error %d)", err);
-	return netblk_conn_requeue(dev, rq) ? BLK_STS_OK : BLK_STS_IOERR;
+	return netblk_resend(dev, rq) ? BLK_STS_OK : BLK_STS_IOERR;
 }
 
 static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
@@ -251,6 +283,11 @@ static blk_status_t netblk_queue_rq(struct blk_mq_hw_ctx *hctx,
 	 * cannot complete it while its pages are still being sent.
 	 */
 	mutex_lock(&cmd->nc_lock);
+	if (!(rq->rq_flags & RQF_DONTPREP)) {
+		/* A new request, not one sent again: blk-mq clears the flag. */
+		cmd->nc_resends = 0;
+		rq->rq_flags |= RQF_DONTPREP;
+	}
 	cmd->nc_status = BLK_STS_OK;
 	clear_bit(NETBLK_CMD_STUCK, &cmd->nc_flags);
 	blk_mq_start_request(rq);
@@ -342,7 +379,7 @@ static enum blk_eh_timer_return netblk_timeout(struct request *rq)
 	atomic64_inc(&dev->nd_stats.st_timeouts);
 	netblk_sock_fail(cmd->nc_nsock, "request timed out after %u ms",
 			 jiffies_to_msecs(rq->timeout));
-	requeued = netblk_conn_requeue(dev, rq);
+	requeued = netblk_resend(dev, rq);
 	if (!requeued)
 		netblk_fail_rq(dev, rq, BLK_STS_TIMEOUT);
 	mutex_unlock(&cmd->nc_lock);
@@ -507,6 +544,7 @@ int netblk_blk_handle_reply(struct netblk_sock *nsock,
 				     blk_rq_bytes(rq));
 
 	netblk_account_reply(dev, rq, sts);
+	netblk_note(&dev->nd_answered);
 	cmd->nc_status = sts;
 	netblk_inflight_clear(dev, cmd);
 	mutex_unlock(&cmd->nc_lock);
@@ -530,7 +568,7 @@ static bool netblk_reset_rq(struct request *rq, void *data)
 		mutex_unlock(&cmd->nc_lock);
 		return true;
 	}
-	requeued = netblk_conn_requeue(dev, rq);
+	requeued = netblk_resend(dev, rq);
 	if (!requeued)
 		netblk_fail_rq(dev, rq, BLK_STS_IOERR);
 	mutex_unlock(&cmd->nc_lock);
@@ -546,7 +584,8 @@ static bool netblk_reset_rq(struct request *rq, void *data)
  * @dev: the device; the caller has already detached and killed the socket
  *
  * Each INFLIGHT request is requeued when the device is reconnecting and
- * failed with BLK_STS_IOERR otherwise (see netblk_conn_requeue()).
+ * its resend budget lasts, and failed with BLK_STS_IOERR otherwise (see
+ * netblk_resend()).
  *
  * Context: process context, may sleep.
  */

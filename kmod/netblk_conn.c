@@ -15,6 +15,11 @@
  *   CONNECTING/HANDSHAKING --any failure--> ERROR
  *   any --disconnect--> DISCONNECTED
  *
+ * An outage (RECONNECTING) ends only when a connection of a new set answers
+ * a request: a reconnect whose set is lost again with requests sent and
+ * none answered (a server that logs in and then breaks the protocol or
+ * stays silent) continues the outage, its deadline and its attempt count.
+ *
  * While RECONNECTING, requests taken back from the dead connection and new
  * ones wait on the blk-mq requeue list; they are kicked when the device is
  * CONNECTED again (and sent) or leaves for ERROR/DISCONNECTED (and fail).
@@ -429,6 +434,59 @@ static void netblk_conn_reset(struct netblk_dev *dev, enum netblk_state state)
 	netblk_conn_put_socks(socks, n);
 }
 
+/* netblk_conn_next_attempt(): the outage ended in ERROR. */
+#define NETBLK_GAVE_UP	ULONG_MAX
+
+/*
+ * RECONNECTING: end the outage in ERROR, failing every waiting request,
+ * with last_error saying which limit ran out and what went wrong last.
+ */
+static void netblk_conn_give_up(struct netblk_dev *dev)
+{
+	struct netblk_conf *cf = &dev->nd_conf;
+	char last[NETBLK_ERROR_LEN];
+
+	lockdep_assert_held(&dev->nd_lock);
+	strscpy(last, dev->nd_error, sizeof(last));
+	if (dev->nd_attempts >= cf->cf_reconnect_retries)
+		netblk_conn_set_error(dev, "gave up after %u reconnect attempts (reconnect_retries); last: %s",
+				      dev->nd_attempts, last);
+	else
+		netblk_conn_set_error(dev, "no working connection within dead_timeout_ms (%u ms), after %u reconnect attempts; last: %s",
+				      cf->cf_dead_timeout_ms, dev->nd_attempts,
+				      last);
+	dev_err(disk_to_dev(dev->nd_disk), "%s; failing I/O\n",
+		dev->nd_error);
+	netblk_conn_reset(dev, NETBLK_ERROR);
+}
+
+/*
+ * RECONNECTING: one more attempt of the outage is spent (a failed one, or
+ * a reconnect that answered nothing); give up once reconnect_retries or
+ * the outage's deadline ran out.
+ * Return: the delay before the next attempt, none within a round of the
+ * server list and the backoff after each whole round; or NETBLK_GAVE_UP.
+ */
+static unsigned long netblk_conn_next_attempt(struct netblk_dev *dev)
+{
+	struct netblk_conf *cf = &dev->nd_conf;
+	unsigned long delay = 0;
+
+	lockdep_assert_held(&dev->nd_lock);
+	dev->nd_attempts++;
+	if (dev->nd_attempts >= cf->cf_reconnect_retries ||
+	    !time_before(jiffies, dev->nd_dead_deadline)) {
+		netblk_conn_give_up(dev);
+		return NETBLK_GAVE_UP;
+	}
+	if (!(dev->nd_attempts % cf->cf_nr_servers)) {
+		delay = msecs_to_jiffies(dev->nd_backoff_ms);
+		dev->nd_backoff_ms = min_t(unsigned int, dev->nd_backoff_ms * 2,
+					   NETBLK_BACKOFF_MAX_MS);
+	}
+	return delay;
+}
+
 /*
  * A connection attempt failed: the whole set is dropped and the next server
  * of the list is up.  The first connect tries each server once, then gives
@@ -442,7 +500,7 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 	struct netblk_conf *cf = &dev->nd_conf;
 	char reason[NETBLK_ERROR_LEN];
 	char server[NETBLK_SERVER_STRLEN];
-	unsigned long delay = 0;
+	unsigned long delay;
 	va_list args;
 
 	lockdep_assert_held(&dev->nd_lock);
@@ -454,10 +512,10 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 	netblk_conn_format_server(cf, dev->nd_server, server, sizeof(server));
 
 	netblk_conn_put_socks(socks, netblk_conn_take_socks(dev, socks));
-	dev->nd_attempts++;
 	dev->nd_server = (dev->nd_server + 1) % cf->cf_nr_servers;
 
 	if (dev->nd_state != NETBLK_RECONNECTING) {
+		dev->nd_attempts++;
 		if (dev->nd_attempts < cf->cf_nr_servers) {
 			dev_warn(disk_to_dev(dev->nd_disk),
 				 "connect to %s failed: %s; trying the next server\n",
@@ -473,24 +531,12 @@ void netblk_conn_attempt_failed(struct netblk_dev *dev, const char *fmt, ...)
 		return;
 	}
 
-	if (dev->nd_attempts >= cf->cf_reconnect_retries ||
-	    !time_before(jiffies, dev->nd_dead_deadline)) {
-		netblk_conn_set_error(dev, "gave up reconnecting after %u attempts: %s",
-				      dev->nd_attempts, reason);
-		dev_err(disk_to_dev(dev->nd_disk), "%s\n", dev->nd_error);
-		netblk_conn_reset(dev, NETBLK_ERROR);
+	delay = netblk_conn_next_attempt(dev);
+	if (delay == NETBLK_GAVE_UP)
 		return;
-	}
-
-	/* The rest of a round at once; a backoff after each whole round. */
-	if (!(dev->nd_attempts % cf->cf_nr_servers)) {
-		delay = msecs_to_jiffies(dev->nd_backoff_ms);
-		dev->nd_backoff_ms = min_t(unsigned int, dev->nd_backoff_ms * 2,
-					   NETBLK_BACKOFF_MAX_MS);
-	}
 	dev_warn_ratelimited(disk_to_dev(dev->nd_disk),
 			     "reconnect attempt %u to %s failed: %s; retrying in %u ms\n",
-			     dev->nd_attempts, server, dev->nd_error,
+			     dev->nd_attempts, server, reason,
 			     jiffies_to_msecs(delay));
 	queue_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, delay);
 }
@@ -807,6 +853,8 @@ static void netblk_conn_err_work(struct work_struct *work)
 	struct netblk_conf *cf = &dev->nd_conf;
 	char reason[NETBLK_REASON_LEN];
 	struct netblk_sock *nsock;
+	unsigned long delay = 0;
+	bool fresh;
 
 	mutex_lock(&dev->nd_lock);
 	if (dev->nd_state != NETBLK_CONNECTED)
@@ -833,15 +881,25 @@ static void netblk_conn_err_work(struct work_struct *work)
 	dev_warn(disk_to_dev(dev->nd_disk),
 		 "connection lost: %s; reconnecting\n", reason);
 	atomic64_inc(&dev->nd_stats.st_reconnects);
+	/* A set that was asked and answered nothing did not end the outage. */
+	fresh = !dev->nd_outage || READ_ONCE(dev->nd_answered) ||
+		!READ_ONCE(dev->nd_asked);
 	netblk_conn_reset(dev, NETBLK_RECONNECTING);
 	dev->nd_server = (dev->nd_server + 1) % cf->cf_nr_servers;
-	dev->nd_attempts = 0;
-	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
-	dev->nd_dead_deadline = jiffies +
-				msecs_to_jiffies(cf->cf_dead_timeout_ms);
+	if (fresh) {
+		dev->nd_outage = true;
+		dev->nd_attempts = 0;
+		dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+		dev->nd_dead_deadline = jiffies +
+					msecs_to_jiffies(cf->cf_dead_timeout_ms);
+	} else {
+		delay = netblk_conn_next_attempt(dev);
+		if (delay == NETBLK_GAVE_UP)
+			goto out_unlock;
+	}
 	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_dead_work,
-			 msecs_to_jiffies(cf->cf_dead_timeout_ms));
-	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, 0);
+			 dev->nd_dead_deadline - jiffies);
+	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, delay);
 out_unlock:
 	mutex_unlock(&dev->nd_lock);
 }
@@ -850,7 +908,6 @@ static void netblk_conn_dead_work(struct work_struct *work)
 {
 	struct netblk_dev *dev = container_of(to_delayed_work(work),
 					      struct netblk_dev, nd_dead_work);
-	char last[NETBLK_ERROR_LEN];
 
 	mutex_lock(&dev->nd_lock);
 	if (dev->nd_state != NETBLK_RECONNECTING)
@@ -860,13 +917,7 @@ static void netblk_conn_dead_work(struct work_struct *work)
 				 dev->nd_dead_deadline - jiffies);
 		goto out_unlock;
 	}
-
-	strscpy(last, dev->nd_error, sizeof(last));
-	netblk_conn_set_error(dev, "no reconnect within %u ms (%s)",
-			      dev->nd_conf.cf_dead_timeout_ms, last);
-	dev_err(disk_to_dev(dev->nd_disk), "%s; failing I/O\n",
-		dev->nd_error);
-	netblk_conn_reset(dev, NETBLK_ERROR);
+	netblk_conn_give_up(dev);
 out_unlock:
 	mutex_unlock(&dev->nd_lock);
 }
@@ -888,6 +939,12 @@ static int netblk_conn_take_params(struct netblk_dev *dev,
 		netblk_conn_attempt_failed(dev, "export size %llu is not a multiple of %u",
 					   p->np_export_size,
 					   NETBLK_BLOCK_SIZE);
+		return -EINVAL;
+	}
+	if (p->np_export_size > NETBLK_MAX_EXPORT_SIZE) {
+		netblk_conn_attempt_failed(dev, "export size %llu is beyond what the block layer addresses (%llu)",
+					   p->np_export_size,
+					   NETBLK_MAX_EXPORT_SIZE);
 		return -EINVAL;
 	}
 	if (p->np_max_payload < NETBLK_BLOCK_SIZE ||
@@ -964,14 +1021,15 @@ static int netblk_conn_established(struct netblk_dev *dev)
 
 	for (i = 0; i < n; i++)
 		netblk_sock_start_recv(dev->nd_socks[i]);
+	WRITE_ONCE(dev->nd_asked, false);
+	WRITE_ONCE(dev->nd_answered, false);
 	spin_lock(&dev->nd_io_lock);
 	for (i = 0; i < dev->nd_nr_conns; i++)
 		dev->nd_live[i] = dev->nd_socks[i % n];
 	dev->nd_state = NETBLK_CONNECTED;
 	spin_unlock(&dev->nd_io_lock);
+	/* The outage's attempts and deadline stand until a request is answered. */
 	cancel_delayed_work(&dev->nd_dead_work);
-	dev->nd_attempts = 0;
-	dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
 	if (dev->nd_last_server >= 0 && dev->nd_last_server != dev->nd_server)
 		atomic64_inc(&dev->nd_stats.st_failovers);
 	dev->nd_last_server = dev->nd_server;
@@ -1090,6 +1148,7 @@ int netblk_conn_connect(struct netblk_dev *dev)
 		dev->nd_last_server = -1;
 		dev->nd_attempts = 0;
 		dev->nd_backoff_ms = NETBLK_BACKOFF_MIN_MS;
+		dev->nd_outage = false;
 		netblk_conn_set_state(dev, NETBLK_CONNECTING);
 		mod_delayed_work(dev->nd_ctl_wq, &dev->nd_connect_work, 0);
 	}

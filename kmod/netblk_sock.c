@@ -36,6 +36,10 @@ union netblk_tls_cmsg {
 	u8 buf[CMSG_SPACE(sizeof(u8))];
 };
 
+/* RFC 8446 6.1: a warning-level close_notify alert. */
+#define NETBLK_TLS_RECORD_TYPE_ALERT	21
+static const u8 netblk_close_notify[] = { 1, 0 };
+
 /**
  * netblk_sock_create() - a new kernel TCP socket with a file
  * @dev: the device it will serve
@@ -352,6 +356,30 @@ out_unlock:
 	return err;
 }
 
+/*
+ * Send @len bytes of @data as a TLS record of @type, after pushing the
+ * record kTLS has open.  Return: as sock_sendmsg().
+ */
+static int netblk_sock_send_record(struct netblk_sock *nsock, u8 type,
+				   const void *data, size_t len)
+{
+	union netblk_tls_cmsg ctl = { };
+	struct kvec kv = { .iov_base = (void *)data, .iov_len = len };
+	struct msghdr msg = {
+		.msg_control = &ctl,
+		.msg_controllen = sizeof(ctl),
+		.msg_flags = MSG_NOSIGNAL,
+	};
+
+	lockdep_assert_held(&nsock->ns_tx_lock);
+	ctl.cmsg.cmsg_level = SOL_TLS;
+	ctl.cmsg.cmsg_type = TLS_SET_RECORD_TYPE;
+	ctl.cmsg.cmsg_len = CMSG_LEN(sizeof(u8));
+	*(u8 *)CMSG_DATA(&ctl.cmsg) = type;
+	iov_iter_kvec(&msg.msg_iter, ITER_SOURCE, &kv, len ? 1 : 0, len);
+	return netblk_sock_sendmsg(nsock, &msg);
+}
+
 /**
  * netblk_sock_push() - seal and send the open TLS record
  * @nsock: the live connection
@@ -367,34 +395,24 @@ out_unlock:
  */
 int netblk_sock_push(struct netblk_sock *nsock)
 {
-	union netblk_tls_cmsg ctl = { };
-	struct msghdr msg = {
-		.msg_control = &ctl,
-		.msg_controllen = sizeof(ctl),
-		.msg_flags = MSG_NOSIGNAL,
-	};
 	int err = -EPIPE;
-
-	ctl.cmsg.cmsg_level = SOL_TLS;
-	ctl.cmsg.cmsg_type = TLS_SET_RECORD_TYPE;
-	ctl.cmsg.cmsg_len = CMSG_LEN(sizeof(u8));
-	*(u8 *)CMSG_DATA(&ctl.cmsg) = TLS_RECORD_TYPE_DATA;
-	iov_iter_kvec(&msg.msg_iter, ITER_SOURCE, NULL, 0, 0);
 
 	mutex_lock(&nsock->ns_tx_lock);
 	if (!netblk_sock_dead(nsock))
-		err = netblk_sock_sendmsg(nsock, &msg);
+		err = netblk_sock_send_record(nsock, TLS_RECORD_TYPE_DATA,
+					      NULL, 0);
 	mutex_unlock(&nsock->ns_tx_lock);
 	return err;
 }
 
 /**
- * netblk_sock_disconnect() - say goodbye: DISCONNECT, then stop sending
+ * netblk_sock_disconnect() - say goodbye: DISCONNECT, close_notify, FIN
  * @nsock: the live connection, with nothing in flight
  *
- * Sends NETBLK_CMD_DISCONNECT and shuts down our sending side; the server
- * flushes and closes, and the receive worker sees the end of the stream
- * (see netblk_sock_wait_closed()).
+ * Sends NETBLK_CMD_DISCONNECT, then a TLS close_notify alert (RFC 8446
+ * 6.1: the stream ends here, not cut short), and shuts down our sending
+ * side; the server flushes and closes, and the receive worker sees the
+ * end of the stream (see netblk_sock_wait_closed()).
  *
  * Context: process context, may sleep.
  * Return: 0 when sent; -EPIPE if the connection is dead; another negative
@@ -415,6 +433,13 @@ int netblk_sock_disconnect(struct netblk_sock *nsock)
 	if (!netblk_sock_dead(nsock)) {
 		iov_iter_kvec(&from, ITER_SOURCE, &kv, 1, sizeof(hdr));
 		err = netblk_sock_xmit(nsock, &from, 0, &sent);
+	}
+	if (!err) {
+		err = netblk_sock_send_record(nsock,
+					      NETBLK_TLS_RECORD_TYPE_ALERT,
+					      netblk_close_notify,
+					      sizeof(netblk_close_notify));
+		err = err < 0 ? err : 0;
 	}
 	mutex_unlock(&nsock->ns_tx_lock);
 	if (!err)

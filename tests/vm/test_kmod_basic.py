@@ -1011,15 +1011,25 @@ def test_done_success_without_ktls_is_refused(dev0: str) -> None:
             conn.close()
 
 
-def test_done_success_with_bad_parameters_is_refused(dev0: str) -> None:
+@pytest.mark.parametrize(
+    ("size", "reason"),
+    [
+        ((64 << 20) + 512, "is not a multiple of 4096"),
+        # The block layer addresses an loff_t of bytes: 2^63 - 4096 at most.
+        (2**63, "is beyond what the block layer addresses (9223372036854771712)"),
+        (2**64 - 4096, "is beyond what the block layer addresses (9223372036854771712)"),
+    ],
+    ids=["unaligned", "2^63", "2^64-4096"],
+)
+def test_done_success_with_bad_parameters_is_refused(dev0: str, size: int, reason: str) -> None:
     with listener() as srv, Genl() as helper:
         accepted = start_handshake(helper, dev0, srv)
         try:
             with pytest.raises(OSError) as err:
-                helper.done_ok(accepted, size=(64 << 20) + 512)
+                helper.done_ok(accepted, size=size)
             assert err.value.errno == errno.EINVAL
             assert read(dev0, "state") == "error"
-            assert "not a multiple of 4096" in read(dev0, "last_error")
+            assert read(dev0, "last_error") == f"export size {size} {reason}"
         finally:
             os.close(accepted.fd)
             srv.accept()[0].close()
@@ -1190,6 +1200,43 @@ def recv_exact(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buf)
 
 
+TLS_GET_RECORD_TYPE = 2
+TLS_SET_RECORD_TYPE = 1
+RECORD_ALERT = 21
+RECORD_DATA = 23
+
+
+def read_record(conn: socket.socket) -> tuple[int, bytes]:
+    """The next TLS record's type and body (kTLS RX); (DATA, b"") at EOF."""
+    try:
+        body, ancillary, _, _ = conn.recvmsg(64, socket.CMSG_SPACE(1))
+    except OSError:
+        return RECORD_DATA, b""
+    kinds = [
+        data[0]
+        for level, kind, data in ancillary
+        if level == SOL_TLS and kind == TLS_GET_RECORD_TYPE
+    ]
+    return (kinds[0] if kinds else RECORD_DATA), body
+
+
+def send_record(conn: socket.socket, kind: int, body: bytes) -> None:
+    conn.sendmsg([body], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes((kind,)))])
+
+
+#: How a hostile server answers a request, after a login that went well.
+HOSTILE: dict[str, Callable[[socket.socket, int], object]] = {
+    "unknown-handle": lambda conn, handle: conn.sendall(
+        REPLY.pack(REPLY_MAGIC, 0, handle ^ (1 << 40))
+    ),
+    "bad-magic": lambda conn, handle: conn.sendall(REPLY.pack(0x4E424C00, 0, handle)),
+    # A fatal internal_error alert: a TLS record that is not application data.
+    "tls-alert": lambda conn, handle: send_record(conn, RECORD_ALERT, b"\x02\x50"),
+    "garbage": lambda conn, handle: conn.sendall(random.Random(handle).randbytes(64)),
+    "silent": lambda conn, handle: None,
+}
+
+
 class FakeServer:
     """Serves one in-memory export over kTLS; faults are armed per test."""
 
@@ -1207,6 +1254,12 @@ class FakeServer:
         self.disconnects = 0
         self.drop_next: int | None = None  # opcode: close without replying
         self.stall_next: int | None = None  # opcode: never reply
+        #: Every request on every connection is answered so (HOSTILE).
+        self.hostile: str | None = None
+        #: A READ at this offset kills each connection it arrives on.
+        self.poison: int | None = None
+        #: The TLS record (type, body) that followed a DISCONNECT.
+        self.after_disconnect: tuple[int, bytes] | None = None
         self.threads: list[threading.Thread] = []
         self.accepter = threading.Thread(target=self.accept_loop, daemon=True)
         self.accepter.start()
@@ -1250,6 +1303,15 @@ class FakeServer:
                     if self.stall_next == op:
                         self.stall_next = None
                         continue
+                    if op == OP_READ and offset == self.poison:
+                        return
+                if self.hostile is not None:
+                    HOSTILE[self.hostile](conn, handle)
+                    continue
+                if op == OP_DISCONNECT:
+                    self.disconnects += 1
+                    self.after_disconnect = read_record(conn)
+                    return
                 reply = REPLY.pack(REPLY_MAGIC, 0, handle)
                 if op == OP_READ:
                     reply += self.data[offset : offset + length]
@@ -1257,9 +1319,6 @@ class FakeServer:
                     self.data[offset : offset + length] = payload
                 elif op in (OP_TRIM, OP_WRITE_ZEROES):
                     self.data[offset : offset + length] = bytes(length)
-                elif op == OP_DISCONNECT:
-                    self.disconnects += 1
-                    return
                 try:
                     conn.sendall(reply)
                 except OSError:
@@ -1281,6 +1340,7 @@ class FakeBridge:
         #: Every server it hands connections to, by port (add more to fail over).
         self.servers = {server.port: server}
         self.flags = flags
+        self.size = EXPORT_SIZE
         self.fail_reason: str | None = None
         self.handshakes = 0
         self.events = Genl()
@@ -1318,7 +1378,7 @@ class FakeBridge:
             install_ktls(sock, tx="c2s", rx="s2c")
             self.handshakes += 1
             with contextlib.suppress(FileNotFoundError):
-                self.ctl.done_ok(accepted, size=EXPORT_SIZE, flags=self.flags)
+                self.ctl.done_ok(accepted, size=self.size, flags=self.flags)
 
     def close(self) -> None:
         self.stop.set()
@@ -1381,6 +1441,49 @@ def dio_read(offset: int, size: int) -> bytes:
         return bytes(buf)
     finally:
         os.close(fd)
+
+
+#: Connects of the race test; an unanswered first read costs a whole
+#: request timeout, which the bound below would show.
+RACE_ROUNDS = 100
+FIRST_READ_WITHIN = 10.0
+
+
+def test_the_first_reads_after_connect_are_answered(dev0: str) -> None:
+    """Connect, and read at once (both ends of the disk, from two threads,
+    beside whatever udev probes), many times: no first request may wait for
+    the request timeout (30 s) to be answered."""
+    server = FakeServer()
+    bridge = FakeBridge(server)
+    server.data[:4096] = b"h" * 4096
+    server.data[-4096:] = b"t" * 4096
+    slowest = 0.0
+    timeouts = stats(dev0)["timeouts"]
+    try:
+        configure(dev0, "127.0.0.1", server.port, "fake")
+        for _ in range(RACE_ROUNDS):
+            write(dev0, "connect", "1")
+            wait_for(lambda: read(dev0, "state") != "connecting", 30, "connect")
+            assert wait_state(dev0, "connected", "error") == "connected", read(dev0, "last_error")
+            start = time.monotonic()
+            readers = [
+                background(lambda: dio_read(0, 4096) == b"h" * 4096 or pytest.fail("head")),
+                background(
+                    lambda: dio_read(EXPORT_SIZE - 4096, 4096) == b"t" * 4096 or pytest.fail("tail")
+                ),
+            ]
+            for thread, raised in readers:
+                thread.join(60)
+                assert not thread.is_alive() and not raised, raised
+            slowest = max(slowest, time.monotonic() - start)
+            disconnect(dev0)
+    finally:
+        with contextlib.suppress(OSError):
+            write(dev0, "disconnect", "1")
+        bridge.close()
+        server.close()
+    assert stats(dev0)["timeouts"] == timeouts
+    assert slowest < FIRST_READ_WITHIN, slowest
 
 
 def test_io_roundtrip(served: tuple[FakeServer, FakeBridge]) -> None:
@@ -1550,8 +1653,8 @@ def test_dead_timeout_fails_io(served: tuple[FakeServer, FakeBridge]) -> None:
     assert 1.0 <= time.monotonic() - start < 15
     assert read("netblk0", "state") == "error"
     last = read("netblk0", "last_error")
-    assert last.startswith("no reconnect within 1500 ms"), last
-    assert "login refused: UNAVAILABLE" in last
+    assert last.startswith("no working connection within dead_timeout_ms (1500 ms), after "), last
+    assert last.endswith("reconnect attempts; last: login refused: UNAVAILABLE"), last
     # New I/O fails at once until the next connect.
     with pytest.raises(OSError) as err:
         dio_read(0, 4096)
@@ -1574,7 +1677,7 @@ def test_reconnect_retries_exhausted(served: tuple[FakeServer, FakeBridge]) -> N
     assert err.value.errno == errno.EIO
     assert read("netblk0", "state") == "error"
     assert read("netblk0", "last_error") == (
-        "gave up reconnecting after 2 attempts: server unavailable"
+        "gave up after 2 reconnect attempts (reconnect_retries); last: server unavailable"
     )
 
 
@@ -1587,6 +1690,64 @@ def test_reconnect_disabled(served: tuple[FakeServer, FakeBridge]) -> None:
     assert err.value.errno == errno.EIO
     assert read("netblk0", "state") == "error"
     assert read("netblk0", "last_error") == "connection lost: server closed the connection"
+
+
+HOSTILE_DEAD_MS = 4000
+HOSTILE_REQUEST_MS = 2000
+
+
+@pytest.mark.parametrize("misbehaviour", sorted(HOSTILE))
+def test_a_server_that_logs_in_then_misbehaves_fails_io_in_bounded_time(
+    served: tuple[FakeServer, FakeBridge], misbehaviour: str
+) -> None:
+    """Each reconnect succeeds and then answers nothing: that must not renew
+    the outage's deadline, so I/O ends in EIO within dead_timeout_ms plus one
+    request timeout (however many times the server logs the device in), and
+    disconnect still works."""
+    server, bridge = served
+    write("netblk0", "dead_timeout_ms", str(HOSTILE_DEAD_MS))
+    write("netblk0", "request_timeout_ms", str(HOSTILE_REQUEST_MS))
+    server.hostile = misbehaviour
+    # The bound, with room for the reconnects' handshakes under emulation.
+    bound = (HOSTILE_DEAD_MS + HOSTILE_REQUEST_MS) / 1000 + 10
+    start = time.monotonic()
+    # The first read ends by its resend budget or by the deadline; a read
+    # after it (on a connection the server logged in again) by the deadline.
+    for offset in (1 << 20, 2 << 20):
+        with pytest.raises(OSError) as err:
+            dio_read(offset, 4096)
+        assert err.value.errno == errno.EIO
+        assert time.monotonic() - start < bound
+    assert bridge.handshakes >= 2, "the server must have logged the device in again"
+    assert read("netblk0", "state") == "error"
+    last = read("netblk0", "last_error")
+    assert last.startswith(
+        f"no working connection within dead_timeout_ms ({HOSTILE_DEAD_MS} ms), after "
+    ), last
+    disconnect("netblk0")
+    assert read("netblk0", "state") == "disconnected"
+
+
+def test_a_request_that_kills_every_connection_fails_alone(
+    served: tuple[FakeServer, FakeBridge],
+) -> None:
+    """A poison request is sent again at most NETBLK_MAX_RESENDS (5) times,
+    then fails with EIO; the device reconnects and the rest of the I/O works."""
+    server, _ = served
+    base = stats("netblk0")
+    poison = 4 << 20
+    server.poison = poison
+    with pytest.raises(OSError) as err:
+        dio_read(poison, 4096)
+    assert err.value.errno == errno.EIO
+    assert len([op for op in server.ops(OP_READ) if op[2] == poison]) == 1 + 5
+    data = random.Random(21).randbytes(8192)
+    dio_write(8 << 20, data)
+    assert dio_read(8 << 20, len(data)) == data
+    assert read("netblk0", "state") == "connected"
+    st = stats("netblk0")
+    assert st["errors"] - base["errors"] == 1
+    assert st["reconnects"] - base["reconnects"] == 6
 
 
 def background(func: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
@@ -1664,9 +1825,35 @@ def test_graceful_disconnect(served: tuple[FakeServer, FakeBridge]) -> None:
     disconnect("netblk0")
     assert read("netblk0", "size") == "0"
     wait_for(lambda: server.disconnects == 1, 10, "DISCONNECT at the server")
+    # RFC 8446 6.1: the stream ends with a warning-level close_notify alert.
+    wait_for(lambda: server.after_disconnect is not None, 10, "the record after DISCONNECT")
+    assert server.after_disconnect == (RECORD_ALERT, b"\x01\x00")
     assert read("netblk0", "last_error") == ""
     with open("/dev/netblk0", "rb") as disk:
         assert disk.read(4096) == b""
+
+
+def test_rmmod_waits_for_readers_and_works_once_disconnect_fails_them(
+    served: tuple[FakeServer, FakeBridge],
+) -> None:
+    """While reconnecting, a process reading the device holds it open, and
+    the kernel refuses to unload a module whose disk is open; disconnect
+    fails the waiting read, and then rmmod works (kmod/README.md)."""
+    server, bridge = served
+    bridge.fail_reason = "server unavailable"
+    server.drop_next = OP_READ
+    thread, raised = background(lambda: dio_read(0, 4096))
+    wait_state("netblk0", "reconnecting")
+    time.sleep(0.3)
+    assert thread.is_alive(), "the read must wait while reconnecting"
+    result = subprocess.run(["rmmod", "netblk"], check=False, capture_output=True, text=True)
+    assert result.returncode != 0 and "in use" in result.stderr, result
+    disconnect("netblk0")
+    thread.join(10)
+    assert [type(exc) for exc in raised] == [OSError]
+    rmmod()
+    assert not loaded()
+    insmod(nr_devices=2, connections=1)  # for the fixtures' teardown
 
 
 def test_rmmod_while_connected(served: tuple[FakeServer, FakeBridge]) -> None:
