@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from netblk.addresses import host_port
 from netblk.protocol.codec import (
     NEED_DATA,
     ClientConnection,
@@ -223,7 +224,7 @@ class Server:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 class FailoverClient(Requests):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from queue import SimpleQueue
 from typing import TYPE_CHECKING
 
+from netblk.addresses import host_port
 from netblk.protocol.codec import (
     NEED_DATA,
     ConnectionClosed,
@@ -149,7 +150,7 @@ class Session:
         self._conn = ServerConnection(self._make_scanner)
         self._scanner: Scanner | None = None
         host, port = str(peer[0]), int(peer[1])
-        self.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.peer = host_port(host, port)
         self.peer_host = host
         self.client: str | None = None
         self._serving: _Serving | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netblk.addresses import host_port
 from netblk.ktls import CIPHERS
 from netblk.protocol.constants import DEFAULT_PORT, MAX_TOKEN, MIN_TOKEN
 from netblk.tomlconf import ConfigError, Table, log_settings, read_toml
@@ -49,8 +50,7 @@ class ServerEntry:
 
     @property
     def label(self) -> str:
-        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
-        return f"{host}:{self.port}"
+        return host_port(str(self.address), self.port)
 
 
 @dataclass(frozen=True)

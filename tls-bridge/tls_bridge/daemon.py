@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Protocol
 
+from netblk.addresses import host_port
 from tls_bridge.config import BridgeConfig, ServerEntry
 from tls_bridge.genl import Done, EventsLost, HandshakeRequest, MalformedMessage, Ready
 from tls_bridge.login import LoginResult, handshake_and_login
@@ -157,8 +158,7 @@ class Bridge:
 
 
 def _peer(request: HandshakeRequest) -> str:
-    host = f"[{request.peer_addr}]" if ":" in request.peer_addr else request.peer_addr
-    return f"{host}:{request.peer_port}"
+    return host_port(request.peer_addr, request.peer_port)
 
 
 def _fields(request: HandshakeRequest) -> dict[str, object]:
