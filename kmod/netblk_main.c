@@ -18,6 +18,9 @@
 
 #include "netblk.h"
 
+#define CREATE_TRACE_POINTS
+#include "netblk_trace.h"
+
 static unsigned int nr_devices = 1;
 module_param(nr_devices, uint, 0444);
 MODULE_PARM_DESC(nr_devices,

@@ -440,6 +440,8 @@ def test_failures_that_guess_no_credential_never_throttle(
                 login(env, env.context(case.cert), case.export, case.token)
             assert refused.value.status is case.status
     kind = "tls" if isinstance(case, TlsFailure) else case.status.name.lower()
+    # Each is logged after it is counted, maybe after the client heard of it.
+    assert len(wait_for_records(env, "login_failed", attempts)) == attempts
     assert env.stats_delta()["logins_failed"] == {kind: attempts}
     assert_nothing_changed(env)  # alice, from the same address, logs in
 
