@@ -36,7 +36,6 @@
 
 #define NETBLK_MAX_DEVICES		16
 #define NETBLK_MAX_CONNECTIONS		16
-#define NETBLK_MAX_SERVERS		8
 /* "[v6 address]:65535" and a NUL */
 #define NETBLK_SERVER_STRLEN		(INET6_ADDRSTRLEN + 8)
 #define NETBLK_MAX_QUEUE_DEPTH		1024
@@ -66,13 +65,11 @@
 #define NETBLK_MAX_RANGE_SECTORS \
 	(round_down(U32_MAX, NETBLK_BLOCK_SIZE) >> SECTOR_SHIFT)
 
-/* Defaults of the per-device sysfs knobs. */
-#define NETBLK_DEF_REQUEST_TIMEOUT_MS	30000
-#define NETBLK_DEF_DEAD_TIMEOUT_MS	30000
-#define NETBLK_DEF_RECONNECT_RETRIES	100
+#define NETBLK_STATE_ENUM(name, word)	NETBLK_##name,
 
 /**
- * enum netblk_state - connection state, shown in sysfs "state"
+ * enum netblk_state - connection state, shown in sysfs "state" (the list:
+ *	NETBLK_SYSFS_STATES in the UAPI header)
  * @NETBLK_DISCONNECTED: idle; no socket, capacity 0
  * @NETBLK_CONNECTING: first TCP connect in progress
  * @NETBLK_HANDSHAKING: first handshake posted to tls-bridge
@@ -82,12 +79,7 @@
  * @NETBLK_NR_STATES: number of states
  */
 enum netblk_state {
-	NETBLK_DISCONNECTED,
-	NETBLK_CONNECTING,
-	NETBLK_HANDSHAKING,
-	NETBLK_CONNECTED,
-	NETBLK_RECONNECTING,
-	NETBLK_ERROR,
+	NETBLK_SYSFS_STATES(NETBLK_STATE_ENUM)
 	NETBLK_NR_STATES,
 };
 
@@ -149,7 +141,7 @@ struct netblk_stats {
 	atomic64_t st_timeouts;
 	atomic64_t st_reconnects;
 	atomic64_t st_failovers;
-	atomic_t st_inflight;
+	atomic64_t st_inflight;
 };
 
 /**

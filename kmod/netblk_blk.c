@@ -28,6 +28,7 @@
 #include <linux/percpu-refcount.h>
 
 #include "netblk.h"
+#include "netblk_trace.h"
 
 static const struct block_device_operations netblk_fops = {
 	.owner = THIS_MODULE,
@@ -73,7 +74,7 @@ static void netblk_inflight_set(struct netblk_dev *dev, struct netblk_cmd *cmd,
 	cmd->nc_nsock = nsock;
 	set_bit(NETBLK_CMD_INFLIGHT, &cmd->nc_flags);
 	atomic_long_add(netblk_payload(cmd), &nsock->ns_inflight_bytes);
-	atomic_inc(&dev->nd_stats.st_inflight);
+	atomic64_inc(&dev->nd_stats.st_inflight);
 }
 
 static bool netblk_inflight_clear(struct netblk_dev *dev,
@@ -84,7 +85,7 @@ static bool netblk_inflight_clear(struct netblk_dev *dev,
 		return false;
 	/* nc_nsock outlives INFLIGHT: see netblk_conn_reset(). */
 	atomic_long_sub(netblk_payload(cmd), &cmd->nc_nsock->ns_inflight_bytes);
-	atomic_dec(&dev->nd_stats.st_inflight);
+	atomic64_dec(&dev->nd_stats.st_inflight);
 	return true;
 }
 
@@ -220,6 +221,7 @@ static bool netblk_resend(struct netblk_dev *dev, struct request *rq)
 	if (!netblk_conn_requeue(dev, rq))
 		return false;
 	cmd->nc_resends++;
+	trace_netblk_rq_requeued(dev->nd_index, rq, netblk_handle(cmd, rq));
 	return true;
 }
 
@@ -248,6 +250,7 @@ static blk_status_t netblk_queue_send(struct netblk_dev *dev,
 	netblk_inflight_set(dev, cmd, nsock);
 	err = netblk_sock_send_rq(nsock, rq, &hdr, !last, &sent);
 	if (!err) {
+		trace_netblk_rq_sent(dev->nd_index, rq, be64_to_cpu(hdr.handle));
 		netblk_note(&dev->nd_asked);
 		if (last) {
 			/* This frame pushed the batch's record. */
@@ -377,6 +380,7 @@ static enum blk_eh_timer_return netblk_timeout(struct request *rq)
 	}
 
 	atomic64_inc(&dev->nd_stats.st_timeouts);
+	trace_netblk_rq_timeout(dev->nd_index, rq, netblk_handle(cmd, rq));
 	netblk_sock_fail(cmd->nc_nsock, "request timed out after %u ms",
 			 jiffies_to_msecs(rq->timeout));
 	requeued = netblk_resend(dev, rq);
@@ -544,6 +548,7 @@ int netblk_blk_handle_reply(struct netblk_sock *nsock,
 				     blk_rq_bytes(rq));
 
 	netblk_account_reply(dev, rq, sts);
+	trace_netblk_rq_done(dev->nd_index, rq, handle, error);
 	netblk_note(&dev->nd_answered);
 	cmd->nc_status = sts;
 	netblk_inflight_clear(dev, cmd);

@@ -52,6 +52,7 @@
 #include <linux/slab.h>
 
 #include "netblk.h"
+#include "netblk_trace.h"
 
 static LIST_HEAD(netblk_hs_pending);
 static DEFINE_MUTEX(netblk_hs_lock);	/* protects netblk_hs_pending */
@@ -61,13 +62,9 @@ static atomic64_t netblk_hs_next_cookie;
 #define netblk_for_each_sock(dev, i) \
 	for ((i) = 0; (i) < (dev)->nd_nr_conns && (dev)->nd_socks[i]; (i)++)
 
+#define NETBLK_STATE_NAME(name, word)	[NETBLK_##name] = #word,
 static const char * const netblk_state_names[NETBLK_NR_STATES] = {
-	[NETBLK_DISCONNECTED]	= "disconnected",
-	[NETBLK_CONNECTING]	= "connecting",
-	[NETBLK_HANDSHAKING]	= "handshaking",
-	[NETBLK_CONNECTED]	= "connected",
-	[NETBLK_RECONNECTING]	= "reconnecting",
-	[NETBLK_ERROR]		= "error",
+	NETBLK_SYSFS_STATES(NETBLK_STATE_NAME)
 };
 
 /**
@@ -316,6 +313,8 @@ struct netblk_hs_req *netblk_hs_accept(void)
 			req->hr_accepted = true;
 			kref_get(&req->hr_ref);
 			found = req;
+			trace_netblk_hs_accept(req->hr_dev->nd_index,
+					       req->hr_cookie);
 			break;
 		}
 	}
@@ -422,6 +421,8 @@ static void netblk_conn_reset(struct netblk_dev *dev, enum netblk_state state)
 	memset(dev->nd_live, 0, sizeof(dev->nd_live));
 	dev->nd_state = state;
 	spin_unlock(&dev->nd_io_lock);
+	if (state == NETBLK_ERROR)
+		trace_netblk_error(dev->nd_index, dev->nd_error);
 
 	n = netblk_conn_take_socks(dev, socks);
 	netblk_blk_reset_inflight(dev);
@@ -677,6 +678,7 @@ static void netblk_conn_hs_start(struct netblk_dev *dev)
 	for (i = 0; i < n; i++) {
 		dev->nd_socks[i]->ns_hs_cookie = reqs[i]->hr_cookie;
 		list_add_tail(&reqs[i]->hr_list, &netblk_hs_pending);
+		trace_netblk_hs_request(dev->nd_index, reqs[i]->hr_cookie);
 	}
 	mutex_unlock(&netblk_hs_lock);
 	mod_delayed_work(dev->nd_ctl_wq, &dev->nd_hs_timeout_work, timeout);
@@ -744,6 +746,7 @@ static void netblk_conn_connect_work(struct work_struct *work)
 					      struct netblk_dev,
 					      nd_connect_work);
 	struct netblk_sock *socks[NETBLK_MAX_CONNECTIONS];
+	char server[NETBLK_SERVER_STRLEN];
 	struct sockaddr_storage addr;
 	unsigned int i, n = dev->nd_nr_conns;
 	unsigned int noio;
@@ -764,6 +767,9 @@ static void netblk_conn_connect_work(struct work_struct *work)
 		((struct sockaddr_in6 *)&addr)->sin6_port = htons(port);
 	else
 		((struct sockaddr_in *)&addr)->sin_port = htons(port);
+	netblk_conn_format_server(&dev->nd_conf, dev->nd_server, server,
+				  sizeof(server));
+	trace_netblk_connect(dev->nd_index, server, dev->nd_attempts);
 
 	err = netblk_conn_create_socks(dev, addr.ss_family);
 	if (err) {
@@ -880,6 +886,7 @@ static void netblk_conn_err_work(struct work_struct *work)
 
 	dev_warn(disk_to_dev(dev->nd_disk),
 		 "connection lost: %s; reconnecting\n", reason);
+	trace_netblk_reconnect(dev->nd_index, reason);
 	atomic64_inc(&dev->nd_stats.st_reconnects);
 	/* A set that was asked and answered nothing did not end the outage. */
 	fresh = !dev->nd_outage || READ_ONCE(dev->nd_answered) ||
@@ -1039,6 +1046,7 @@ static int netblk_conn_established(struct netblk_dev *dev)
 
 	netblk_conn_format_server(&dev->nd_conf, dev->nd_server, server,
 				  sizeof(server));
+	trace_netblk_established(dev->nd_index, server, n, p->np_export_size);
 	dev_info(disk_to_dev(dev->nd_disk),
 		 "%s %s export %s: %llu bytes, flags 0x%x, max payload %u, %u connection(s)\n",
 		 reconnect ? "reconnected to" : "connected to", server,
@@ -1099,6 +1107,7 @@ int netblk_hs_done(u64 cookie, struct file *file, u32 status,
 	}
 	nsock->ns_hs_cookie = 0;
 	dev->nd_hs_pending--;
+	trace_netblk_hs_done(dev->nd_index, cookie, status);
 
 	if (status) {
 		if (reason && reason[0])
@@ -1240,9 +1249,9 @@ void netblk_conn_init(struct netblk_dev *dev)
 
 	dev->nd_last_server = -1;
 	cf->cf_port = NETBLK_DEFAULT_PORT;
-	cf->cf_request_timeout_ms = NETBLK_DEF_REQUEST_TIMEOUT_MS;
-	cf->cf_dead_timeout_ms = NETBLK_DEF_DEAD_TIMEOUT_MS;
-	cf->cf_reconnect_retries = NETBLK_DEF_RECONNECT_RETRIES;
+	cf->cf_request_timeout_ms = NETBLK_REQUEST_TIMEOUT_MS_DEFAULT;
+	cf->cf_dead_timeout_ms = NETBLK_DEAD_TIMEOUT_MS_DEFAULT;
+	cf->cf_reconnect_retries = NETBLK_RECONNECT_RETRIES_DEFAULT;
 
 	INIT_DELAYED_WORK(&dev->nd_connect_work, netblk_conn_connect_work);
 	INIT_WORK(&dev->nd_err_work, netblk_conn_err_work);

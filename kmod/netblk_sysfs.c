@@ -381,9 +381,12 @@ static ssize_t _name##_store(struct device *d,				\
 }									\
 static DEVICE_ATTR_RW(_name)
 
-NETBLK_U32_ATTR(request_timeout_ms, 100, 3600000, netblk_blk_set_timeout);
-NETBLK_U32_ATTR(dead_timeout_ms, 0, 86400000, NULL);
-NETBLK_U32_ATTR(reconnect_retries, 0, 1000000, NULL);
+NETBLK_U32_ATTR(request_timeout_ms, NETBLK_REQUEST_TIMEOUT_MS_MIN,
+		NETBLK_REQUEST_TIMEOUT_MS_MAX, netblk_blk_set_timeout);
+NETBLK_U32_ATTR(dead_timeout_ms, NETBLK_DEAD_TIMEOUT_MS_MIN,
+		NETBLK_DEAD_TIMEOUT_MS_MAX, NULL);
+NETBLK_U32_ATTR(reconnect_retries, NETBLK_RECONNECT_RETRIES_MIN,
+		NETBLK_RECONNECT_RETRIES_MAX, NULL);
 
 /* --- connect, disconnect ------------------------------------------------ */
 
@@ -441,32 +444,14 @@ static ssize_t stats_show(struct device *d, struct device_attribute *attr,
 			  char *buf)
 {
 	struct netblk_stats *st = &netblk_from_device(d)->nd_stats;
+	int len = 0;
 
-	return sysfs_emit(buf,
-			  "read_bytes: %lld\n"
-			  "write_bytes: %lld\n"
-			  "read_requests: %lld\n"
-			  "write_requests: %lld\n"
-			  "flush_requests: %lld\n"
-			  "discard_requests: %lld\n"
-			  "write_zeroes_requests: %lld\n"
-			  "errors: %lld\n"
-			  "timeouts: %lld\n"
-			  "reconnects: %lld\n"
-			  "failovers: %lld\n"
-			  "inflight: %d\n",
-			  atomic64_read(&st->st_read_bytes),
-			  atomic64_read(&st->st_write_bytes),
-			  atomic64_read(&st->st_read_requests),
-			  atomic64_read(&st->st_write_requests),
-			  atomic64_read(&st->st_flush_requests),
-			  atomic64_read(&st->st_discard_requests),
-			  atomic64_read(&st->st_write_zeroes_requests),
-			  atomic64_read(&st->st_errors),
-			  atomic64_read(&st->st_timeouts),
-			  atomic64_read(&st->st_reconnects),
-			  atomic64_read(&st->st_failovers),
-			  atomic_read(&st->st_inflight));
+#define NETBLK_STATS_LINE(key)						\
+	len += sysfs_emit_at(buf, len, #key ": %lld\n",			\
+			     (long long)atomic64_read(&st->st_##key));
+	NETBLK_SYSFS_STATS(NETBLK_STATS_LINE)
+#undef NETBLK_STATS_LINE
+	return len;
 }
 static DEVICE_ATTR_RO(stats);
 

@@ -20,16 +20,23 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
-from netblk.protocol.constants import MAX_EXPORT_NAME
+from netblk.addresses import host_port
+from netblk.protocol.constants import (
+    DEAD_TIMEOUT_MS_MAX,
+    DEAD_TIMEOUT_MS_MIN,
+    MAX_EXPORT_NAME,
+    MAX_SERVERS,
+    RECONNECT_RETRIES_MAX,
+    RECONNECT_RETRIES_MIN,
+    REQUEST_TIMEOUT_MS_MAX,
+    REQUEST_TIMEOUT_MS_MIN,
+)
 from netblk.protocol.names import NAME_RE, validate_export_name
 from netblk_admin.sysfs import CONFIG_ATTRS, TARGET_ATTRS, Snapshot, State
 
-# The driver's ranges; it refuses anything outside with -EINVAL.
+# The driver refuses anything outside its ranges (netblk.protocol.constants,
+# from the UAPI header) with -EINVAL.
 PORT_MIN, PORT_MAX = 1, 65535
-MAX_SERVERS = 8
-REQUEST_TIMEOUT_MS_MIN, REQUEST_TIMEOUT_MS_MAX = 100, 3_600_000
-DEAD_TIMEOUT_MS_MIN, DEAD_TIMEOUT_MS_MAX = 0, 86_400_000
-RECONNECT_RETRIES_MIN, RECONNECT_RETRIES_MAX = 0, 1_000_000
 
 #: connect/disconnect ``?wait=true``: how long by default and at most (seconds).
 DEFAULT_WAIT = 60.0
@@ -96,7 +103,7 @@ def server_text(server: ServerAddress) -> str:
     ip = server["ip"]
     if "port" not in server:
         return ip
-    return f"[{ip}]:{server['port']}" if ":" in ip else f"{ip}:{server['port']}"
+    return host_port(ip, server["port"])
 
 
 def parse_server_text(text: str) -> ServerAddress:

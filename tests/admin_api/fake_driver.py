@@ -3,7 +3,8 @@
 Every attribute is a plain file that reads like the real one.  Stores go
 through ``netblk_admin.sysfs.write_attribute``, which ``install`` wraps with
 the driver's store rules, written here from kmod/README.md rather than taken
-from the API's own constants: EINVAL for bad values, EBUSY for a change of
+from the API's own code (the ranges, defaults and stats keys come from the
+UAPI header's mirror, as the driver's do): EINVAL for bad values, EBUSY for a change of
 target or a connect unless disconnected or in error, EDESTADDRREQ for a
 connect without a server or export.  ``server_ip`` and ``servers`` are two
 views of one list, and ``current_server`` is the list's first entry while a
@@ -26,36 +27,20 @@ from pathlib import Path
 
 import pytest
 
+from netblk.protocol.constants import DEFAULT_PORT, SYSFS_RANGES, SYSFS_STATS
 from netblk_admin import sysfs
 
 DEFAULTS = {
     "servers": "",
     "server_ip": "",
-    "server_port": "10910",
+    "server_port": str(DEFAULT_PORT),
     "export": "",
-    "request_timeout_ms": "30000",
-    "dead_timeout_ms": "30000",
-    "reconnect_retries": "100",
+    **{name: str(default) for name, (_low, _high, default) in SYSFS_RANGES.items()},
 }
-STATS_KEYS = (
-    "read_bytes",
-    "write_bytes",
-    "read_requests",
-    "write_requests",
-    "flush_requests",
-    "discard_requests",
-    "write_zeroes_requests",
-    "errors",
-    "timeouts",
-    "reconnects",
-    "failovers",
-    "inflight",
-)
+STATS_KEYS = SYSFS_STATS
 RANGES = {
     "server_port": (1, 65535),
-    "request_timeout_ms": (100, 3_600_000),
-    "dead_timeout_ms": (0, 86_400_000),
-    "reconnect_retries": (0, 1_000_000),
+    **{name: (low, high) for name, (low, high, _default) in SYSFS_RANGES.items()},
 }
 EXPORT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 TARGET = ("servers", "server_ip", "server_port", "export")

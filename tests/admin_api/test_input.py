@@ -15,21 +15,19 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from netblk.protocol.constants import MAX_EXPORT_NAME
-from netblk_admin.app import MAX_BODY_BYTES, create_app
-from netblk_admin.config import ApiConfig
-from netblk_admin.models import (
+from netblk.protocol.constants import (
     DEAD_TIMEOUT_MS_MAX,
     DEAD_TIMEOUT_MS_MIN,
+    MAX_EXPORT_NAME,
     MAX_SERVERS,
-    MAX_WAIT,
-    PORT_MAX,
-    PORT_MIN,
     RECONNECT_RETRIES_MAX,
     RECONNECT_RETRIES_MIN,
     REQUEST_TIMEOUT_MS_MAX,
     REQUEST_TIMEOUT_MS_MIN,
 )
+from netblk_admin.app import MAX_BODY_BYTES, create_app
+from netblk_admin.config import ApiConfig
+from netblk_admin.models import MAX_WAIT, PORT_MAX, PORT_MIN
 from tests.admin_api.conftest import AUTH
 from tests.admin_api.fake_driver import FakeDriver
 from tests.admin_api.test_app import GUARDED, assert_error

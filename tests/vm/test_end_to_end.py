@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from storaged.luks2 import DATA_OFFSET
 from tests.vm.module import SYS_MODULE
 from tests.vm.stage import (
     CONNECT_WAIT,
@@ -350,6 +351,46 @@ def test_storaged_killed_and_restarted_within_the_dead_timeout(stage: Stage) -> 
     assert after["reconnects"] > before["reconnects"]
     assert sysfs("netblk0", "state") == "connected"
     stage.disconnect()
+
+
+#: Connects of the race test through the real stack; an unanswered first
+#: read waits out the request timeout (30 s), far above the bound.
+RACE_ROUNDS = 15
+FIRST_READ_WITHIN = 10.0
+
+
+def read_direct(offset: int) -> bytes:
+    fd = os.open("/dev/netblk0", os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+        assert os.preadv(fd, [buf], offset) == 4096
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def test_the_first_reads_after_each_connect_are_answered(stage: Stage) -> None:
+    """Issue 23 item 3: connect, then read both ends of the disk at once
+    (beside udev's probe of the new disk), again and again."""
+    timeouts = kernel_stats("netblk0")["timeouts"]
+    slowest = 0.0
+    for _ in range(RACE_ROUNDS):
+        assert stage.connect() == "connected", sysfs("netblk0", "last_error")
+        started = time.monotonic()
+        read: list[bytes] = []
+        readers = [
+            threading.Thread(target=lambda offset=offset, got=read: got.append(read_direct(offset)))
+            for offset in (0, VOLUME - DATA_OFFSET - 4096)  # the first and last block
+        ]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(60)
+        assert len(read) == len(readers), "a read failed or hung"
+        slowest = max(slowest, time.monotonic() - started)
+        stage.disconnect()
+    assert kernel_stats("netblk0")["timeouts"] == timeouts
+    assert slowest < FIRST_READ_WITHIN, slowest
 
 
 def test_storaged_down_past_the_dead_timeout_fails_io_and_nothing_hangs(stage: Stage) -> None:

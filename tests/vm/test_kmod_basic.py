@@ -16,6 +16,7 @@ import fcntl
 import mmap
 import os
 import random
+import re
 import select
 import socket
 import stat
@@ -30,24 +31,18 @@ from pathlib import Path
 
 import pytest
 
-from netblk.protocol.constants import GENL_MCGRP_HANDSHAKE, GENL_NAME, GenlAttr, GenlCmd
+from netblk.protocol.constants import (
+    GENL_MCGRP_HANDSHAKE,
+    GENL_NAME,
+    SYSFS_STATES,
+    SYSFS_STATS,
+    GenlAttr,
+    GenlCmd,
+)
 from tests.vm.module import KO, SYS_MODULE, insmod, loaded, rmmod
 
-STATES = {"disconnected", "connecting", "handshaking", "connected", "reconnecting", "error"}
-STATS_KEYS = [
-    "read_bytes",
-    "write_bytes",
-    "read_requests",
-    "write_requests",
-    "flush_requests",
-    "discard_requests",
-    "write_zeroes_requests",
-    "errors",
-    "timeouts",
-    "reconnects",
-    "failovers",
-    "inflight",
-]
+STATES = set(SYSFS_STATES)
+STATS_KEYS = list(SYSFS_STATS)
 WRITABLE = [
     "servers",
     "server_ip",
@@ -1703,7 +1698,7 @@ def test_a_server_that_logs_in_then_misbehaves_fails_io_in_bounded_time(
     """Each reconnect succeeds and then answers nothing: that must not renew
     the outage's deadline, so I/O ends in EIO within dead_timeout_ms plus one
     request timeout (however many times the server logs the device in), and
-    disconnect still works."""
+    disconnect and rmmod still work."""
     server, bridge = served
     write("netblk0", "dead_timeout_ms", str(HOSTILE_DEAD_MS))
     write("netblk0", "request_timeout_ms", str(HOSTILE_REQUEST_MS))
@@ -1725,6 +1720,9 @@ def test_a_server_that_logs_in_then_misbehaves_fails_io_in_bounded_time(
         f"no working connection within dead_timeout_ms ({HOSTILE_DEAD_MS} ms), after "
     ), last
     disconnect("netblk0")
+    rmmod()
+    assert not loaded()
+    insmod(nr_devices=2, connections=1)  # for the fixtures' teardown
     assert read("netblk0", "state") == "disconnected"
 
 
@@ -1748,6 +1746,80 @@ def test_a_request_that_kills_every_connection_fails_alone(
     st = stats("netblk0")
     assert st["errors"] - base["errors"] == 1
     assert st["reconnects"] - base["reconnects"] == 6
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+@contextlib.contextmanager
+def netblk_events() -> Iterator[Callable[[], list[tuple[str, str]]]]:
+    """netblk's trace events on, the buffer cleared; yields a reader of
+    (event, text) pairs so far."""
+    if not (TRACEFS / "trace").exists():
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
+    enable = TRACEFS / "events" / "netblk" / "enable"
+    (TRACEFS / "trace").write_text("")
+    enable.write_text("1")
+
+    def events() -> list[tuple[str, str]]:
+        found = []
+        for line in (TRACEFS / "trace").read_text().splitlines():
+            if line.startswith("#") or ": netblk_" not in line:
+                continue
+            name, _, text = line.split(": netblk_", 1)[1].partition(": ")
+            found.append((f"netblk_{name}", text))
+        return found
+
+    try:
+        yield events
+    finally:
+        enable.write_text("0")
+
+
+def test_trace_events_follow_the_lifecycle_and_each_request(dev0: str) -> None:
+    with netblk_events() as events, fake_stack(dev0) as (server, _):
+        data = random.Random(31).randbytes(8192)
+        dio_write(1 << 20, data)
+        assert dio_read(1 << 20, len(data)) == data
+        write(dev0, "request_timeout_ms", "1000")
+        server.stall_next = OP_READ
+        assert dio_read(1 << 20, len(data)) == data  # timed out, requeued, resent
+        write(dev0, "request_timeout_ms", "30000")
+        seen = events()
+    names = [name for name, _ in seen]
+    for name in (
+        "netblk_connect",
+        "netblk_hs_request",
+        "netblk_hs_accept",
+        "netblk_hs_done",
+        "netblk_established",
+        "netblk_rq_sent",
+        "netblk_rq_done",
+        "netblk_rq_timeout",
+        "netblk_reconnect",
+        "netblk_rq_requeued",
+    ):
+        assert name in names, (name, seen)
+    # The lifecycle in order, on netblk0 and the fake server.
+    order = [names.index(n) for n in ("netblk_connect", "netblk_hs_request", "netblk_established")]
+    assert order == sorted(order), seen
+    text = dict(seen)
+    assert text["netblk_connect"].startswith(f"netblk0: connecting to 127.0.0.1:{server.port}")
+    assert text["netblk_hs_done"].endswith("done, status 0")
+    assert "1 connection(s)" in text["netblk_established"]
+    # Requests by handle: each answer or timeout names a request sent, and
+    # the WRITE (op 1) was sent and answered.
+    handle = re.compile(r"handle (0x[0-9a-f]{16}) op (\d+)")
+
+    def handles(*kinds: str) -> set[tuple[str, str]]:
+        return {m.groups() for n, t in seen if n in kinds and (m := handle.search(t))}
+
+    sent = handles("netblk_rq_sent")
+    ended = handles("netblk_rq_done", "netblk_rq_timeout")
+    assert ended and ended <= sent, (sent, ended)
+    writes = {h for h, op in sent if op == "1"}
+    assert writes and writes <= {h for h, _ in ended}, seen
+    assert any(f"op 1 at {1 << 20}+8192" in t for n, t in seen if n == "netblk_rq_sent"), seen
 
 
 def background(func: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:

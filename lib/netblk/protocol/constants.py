@@ -175,3 +175,48 @@ class GenlAttr(IntEnum):
 
 
 GENL_A_MAX = max(GenlAttr)
+
+
+# The driver's sysfs contract (/sys/block/netblkN/): numeric attributes'
+# ranges and defaults, the words ``state`` shows, the keys ``stats`` shows.
+MAX_SERVERS = 8
+REQUEST_TIMEOUT_MS_MIN = 100
+REQUEST_TIMEOUT_MS_MAX = 3_600_000
+REQUEST_TIMEOUT_MS_DEFAULT = 30_000
+DEAD_TIMEOUT_MS_MIN = 0
+DEAD_TIMEOUT_MS_MAX = 86_400_000
+DEAD_TIMEOUT_MS_DEFAULT = 30_000
+RECONNECT_RETRIES_MIN = 0
+RECONNECT_RETRIES_MAX = 1_000_000
+RECONNECT_RETRIES_DEFAULT = 100
+#: NETBLK_SYSFS_STATES, in order.
+SYSFS_STATES = ("disconnected", "connecting", "handshaking", "connected", "reconnecting", "error")
+#: NETBLK_SYSFS_STATS, in the order ``stats`` shows them.
+SYSFS_STATS = (
+    "read_bytes",
+    "write_bytes",
+    "read_requests",
+    "write_requests",
+    "flush_requests",
+    "discard_requests",
+    "write_zeroes_requests",
+    "errors",
+    "timeouts",
+    "reconnects",
+    "failovers",
+    "inflight",
+)
+#: The numeric attributes: name -> (min, max, default).
+SYSFS_RANGES = {
+    "request_timeout_ms": (
+        REQUEST_TIMEOUT_MS_MIN,
+        REQUEST_TIMEOUT_MS_MAX,
+        REQUEST_TIMEOUT_MS_DEFAULT,
+    ),
+    "dead_timeout_ms": (DEAD_TIMEOUT_MS_MIN, DEAD_TIMEOUT_MS_MAX, DEAD_TIMEOUT_MS_DEFAULT),
+    "reconnect_retries": (
+        RECONNECT_RETRIES_MIN,
+        RECONNECT_RETRIES_MAX,
+        RECONNECT_RETRIES_DEFAULT,
+    ),
+}

@@ -185,4 +185,46 @@ enum netblk_genl_attr {
 };
 #define NETBLK_GENL_A_MAX (__NETBLK_GENL_A_MAX - 1)
 
+/*
+ * The driver's sysfs contract (/sys/block/netblkN/, kmod/README.md): the
+ * ranges and defaults of its numeric attributes, the words "state" shows
+ * and the keys "stats" shows, in order.  netblk_sysfs.c builds its
+ * attributes from these; the admin API, its metrics and the tests' fake
+ * driver take them from the Python mirror.
+ */
+#define NETBLK_MAX_SERVERS			8
+#define NETBLK_REQUEST_TIMEOUT_MS_MIN		100
+#define NETBLK_REQUEST_TIMEOUT_MS_MAX		3600000
+#define NETBLK_REQUEST_TIMEOUT_MS_DEFAULT	30000
+#define NETBLK_DEAD_TIMEOUT_MS_MIN		0
+#define NETBLK_DEAD_TIMEOUT_MS_MAX		86400000
+#define NETBLK_DEAD_TIMEOUT_MS_DEFAULT		30000
+#define NETBLK_RECONNECT_RETRIES_MIN		0
+#define NETBLK_RECONNECT_RETRIES_MAX		1000000
+#define NETBLK_RECONNECT_RETRIES_DEFAULT	100
+
+/* X(NAME, word): the connection states, in the order of their values. */
+#define NETBLK_SYSFS_STATES(X)			\
+	X(DISCONNECTED, disconnected)		\
+	X(CONNECTING, connecting)		\
+	X(HANDSHAKING, handshaking)		\
+	X(CONNECTED, connected)			\
+	X(RECONNECTING, reconnecting)		\
+	X(ERROR, error)
+
+/* X(key): the "stats" keys, in the order it shows them, one per line. */
+#define NETBLK_SYSFS_STATS(X)			\
+	X(read_bytes)				\
+	X(write_bytes)				\
+	X(read_requests)			\
+	X(write_requests)			\
+	X(flush_requests)			\
+	X(discard_requests)			\
+	X(write_zeroes_requests)		\
+	X(errors)				\
+	X(timeouts)				\
+	X(reconnects)				\
+	X(failovers)				\
+	X(inflight)
+
 #endif /* _UAPI_LINUX_NETBLK_H */
